@@ -1,0 +1,34 @@
+from setuptools import setup
+
+setup(
+    name="llmgw",
+    version="0.1.0",
+    description="An event-driven gateway in front of self-hosted OpenAI-compatible LLM servers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["twisted_gw", "twisted.plugins"],
+    package_data={"twisted_gw": ["py.typed"]},
+    install_requires=[
+        "twisted>=24.7.0",
+        "klein>=24.8.0",
+        "treq>=24.9.1",
+        "pyopenssl>=24.0.0",
+        "service-identity>=24.1.0",
+        "attrs>=23.1.0",
+        "prometheus_client>=0.20.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            "hypothesis>=6.100",
+            "openai>=1.40",
+        ],
+        "dev": [
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "tox>=4.0",
+        ],
+    },
+)

@@ -1,0 +1,151 @@
+"""Helpers for the end-to-end tests: a fake upstream and a gateway on loopback."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import attrs
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from twisted_gw.config import Config
+from twisted_gw.testing import FakeLlama, RunningGateway, start_gateway
+from twisted_gw.upstream import BytesProducer
+
+reactor: Any = _reactor
+
+KEYS = {"sk-alice-key": "alice", "sk-bob-key": "bob"}
+ALICE = "sk-alice-key"
+BOB = "sk-bob-key"
+
+
+def chat_body(stream: bool = False, **extra: Any) -> bytes:
+    doc = {"model": "fake-llama", "messages": [{"role": "user", "content": "say hello please"}], "stream": stream}
+    doc.update(extra)
+    return json.dumps(doc).encode()
+
+
+class Collector(Protocol):
+    """Collects a response body; C{wait_for(b"...")} fires once those bytes arrived."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.chunks: list[bytes] = []
+        self.done: Deferred[bytes] = Deferred()
+        self._waits: list[tuple[bytes, Deferred[bytes]]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        self.chunks.append(data)
+        still = []
+        for needle, d in self._waits:
+            if needle in self.data:
+                d.callback(self.data)
+            else:
+                still.append((needle, d))
+        self._waits = still
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        for _, d in self._waits:
+            d.errback(reason)
+        self._waits = []
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(self.data)
+        else:
+            self.done.errback(reason)
+
+    def wait_for(self, needle: bytes) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        if needle in self.data:
+            d.callback(self.data)
+        else:
+            self._waits.append((needle, d))
+        return d
+
+    def abort(self) -> None:
+        """Go away like a client that closed its connection."""
+        assert self.transport is not None
+        self.done.addErrback(lambda _: None)
+        self.transport.stopProducing()
+
+
+@attrs.define
+class Reply:
+    response: IResponse
+    body: Collector
+
+    @property
+    def code(self) -> int:
+        return self.response.code
+
+    def header(self, name: str) -> Optional[bytes]:
+        values = self.response.headers.getRawHeaders(name.encode())
+        return values[0] if values else None
+
+    def headers(self, name: str) -> list[bytes]:
+        return list(self.response.headers.getRawHeaders(name.encode()) or [])
+
+    async def text(self) -> bytes:
+        return await self.body.done
+
+    async def json(self) -> Any:
+        return json.loads(await self.body.done)
+
+
+class GatewayTestCase(unittest.TestCase):
+    """Starts a L{FakeLlama} and a gateway in front of it, over real loopback sockets."""
+
+    fake: FakeLlama
+    gw: RunningGateway
+    timeout = 20
+
+    async def start(self, fake: Optional[FakeLlama] = None, users: Optional[dict[str, str]] = None,
+                    **config: Any) -> None:
+        self.fake = fake or FakeLlama(reactor)
+        await self.fake.start()
+        self.addCleanup(self.fake.stop)
+        self.users_path = self.mktemp()
+        with open(self.users_path, "w") as f:
+            json.dump(KEYS if users is None else users, f)
+        config.setdefault("upstream", self.fake.url)
+        self.config = Config(users_file=self.users_path, **config)
+        self.gw = await start_gateway(reactor, self.config)
+        self.addCleanup(self.gw.stop)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.agent = Agent(reactor, pool=self.pool)
+        self.addCleanup(self.pool.closeCachedConnections)
+
+    async def call(self, method: str, path: str, body: Optional[bytes] = None, key: Optional[str] = ALICE,
+                   headers: Optional[dict[str, list[str]]] = None, url: Optional[str] = None) -> Reply:
+        h = Headers(headers or {})
+        if key is not None:
+            h.setRawHeaders("Authorization", [f"Bearer {key}"])
+        if body is not None and not h.hasHeader("Content-Type"):
+            h.setRawHeaders("Content-Type", ["application/json"])
+        target = (url or self.gw.url) + path
+        response = await self.agent.request(
+            method.encode(), target.encode(), h, BytesProducer(body) if body is not None else None
+        )
+        collector = Collector()
+        response.deliverBody(collector)
+        return Reply(response, collector)
+
+    async def chat(self, stream: bool = False, key: str = ALICE, **extra: Any) -> Reply:
+        return await self.call("POST", "/v1/chat/completions", chat_body(stream, **extra), key=key)
+
+    async def metrics(self) -> Any:
+        reply = await self.call("GET", "/metrics", key=None)
+        return await reply.json()
+
+
+def sse_data(body: bytes) -> list[bytes]:
+    """The C{data:} payloads of an event stream, in order."""
+    return [line[len(b"data: "):] for line in body.split(b"\n") if line.startswith(b"data: ")]

@@ -1,0 +1,104 @@
+"""
+Pure checks of what a client sent, before anything is forwarded: the path,
+the headers to pass on, and the JSON body's C{stream} flag.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Iterable, Optional
+
+import attrs
+
+from twisted_gw.errors import GatewayError, bad_request
+
+# RFC 9110 7.6.1 and the older proxy ones still seen in the wild.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+    b"proxy-connection", b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
+})
+
+# Also dropped from requests: the gateway sets its own Host and length, the
+# client's key is not the upstream's, X-Gateway-User is the gateway's to say,
+# and the gateway must read usage from the response, so no compression.
+REQUEST_DROP = HOP_BY_HOP | {
+    b"host", b"authorization", b"content-length", b"x-gateway-user", b"accept-encoding",
+}
+
+GATEWAY_USER_HEADER = b"X-Gateway-User"
+
+_ENCODED_SEPARATOR = re.compile(rb"%(2f|5c|2e)", re.IGNORECASE)
+
+
+def check_uri(uri: bytes) -> bytes:
+    """
+    Accept a C{/v1/...} request URI to be forwarded as it is; refuse anything
+    that could reach another path upstream than the one it names.
+    """
+    path, _, _ = uri.partition(b"?")
+    if not path.startswith(b"/v1/") and path != b"/v1":
+        raise GatewayError(404, "Unknown path; the API is under /v1/", "invalid_request_error", "not_found")
+    if b"\\" in path or _ENCODED_SEPARATOR.search(path) or b"#" in path:
+        raise bad_request("Encoded separators and dots are not allowed in the path", "invalid_path")
+    if any(segment in (b".", b"..") for segment in path.split(b"/")):
+        raise bad_request("Dot segments are not allowed in the path", "invalid_path")
+    if any(c < 0x21 or c > 0x7E for c in uri):
+        raise bad_request("The request URI must be printable ASCII", "invalid_path")
+    return uri
+
+
+def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
+    """Header names listed in C{Connection}, which are hop-by-hop too."""
+    return {t.strip().lower() for v in values for t in v.split(b",") if t.strip()}
+
+
+def forward_headers(
+    raw: Iterable[tuple[bytes, list[bytes]]], connection: Iterable[bytes], drop: frozenset[bytes]
+) -> list[tuple[bytes, list[bytes]]]:
+    """The headers to pass on: all but C{drop} and those named by C{Connection}."""
+    also = connection_tokens(connection)
+    return [(name, values) for name, values in raw if name.lower() not in drop and name.lower() not in also]
+
+
+@attrs.frozen
+class BodyInfo:
+    """What the gateway needs to know of a request body."""
+
+    stream: bool = False
+    model: Optional[str] = None
+    document: Any = None
+
+
+def _is_json_type(content_type: Optional[bytes]) -> bool:
+    if content_type is None:
+        return True
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+def inspect_body(body: bytes, content_type: Optional[bytes]) -> BodyInfo:
+    """
+    Read the C{stream} flag and model from a JSON body.  Malformed JSON, a
+    non-UTF-8 body or a C{stream} that is not a boolean is a 400; a body that
+    is not JSON (multipart, say) passes untouched.
+    """
+    if not body or not _is_json_type(content_type):
+        return BodyInfo()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"The request body is not valid UTF-8: {e}", "invalid_encoding") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise bad_request(f"The request body is not valid JSON: {e}", "invalid_json") from None
+    if not isinstance(doc, dict):
+        return BodyInfo(document=doc)
+    stream = doc.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean", "invalid_type")
+    model = doc.get("model")
+    return BodyInfo(stream=stream, model=model if isinstance(model, str) else None, document=doc)

@@ -1,0 +1,187 @@
+"""
+Command line, environment and defaults, resolved into one frozen L{Config}.
+
+Every setting has a command-line option and an environment variable: the
+option wins over the variable, the variable over the default.  Values are
+checked here, so that a bad value stops startup with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Mapping, Sequence
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.python import usage
+
+
+class ConfigError(usage.UsageError):
+    """A setting has a value the gateway cannot run with."""
+
+
+def _positive_int(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, not {text!r}") from None
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, not {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(name: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, not {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise ConfigError(f"{name} must be a positive number of seconds, not {text!r}")
+        return value
+
+    return parse
+
+
+def _upstream_url(text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"upstream must be an http:// or https:// URL with a host, not {text!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"upstream has an invalid port: {text!r}") from None
+    if parts.query or parts.fragment:
+        raise ConfigError(f"upstream must not carry a query or fragment: {text!r}")
+    return text.strip().rstrip("/")
+
+
+def _queue_events(text: str) -> str:
+    if text not in ("comment", "data"):
+        raise ConfigError(f"queue-events must be 'comment' or 'data', not {text!r}")
+    return text
+
+
+def _listen_list(text: str) -> tuple[str, ...]:
+    items = tuple(item for item in text.replace(",", " ").split() if item)
+    if not items:
+        raise ConfigError("listen needs at least one endpoint, e.g. tcp:8000")
+    return items
+
+
+@attrs.frozen
+class Setting:
+    """One configurable value: its option, environment variable, default and parser."""
+
+    option: str
+    env: str
+    default: str
+    help: str
+    parse: Callable[[str], object]
+    field: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("upstream", "UPSTREAM_URL", "http://127.0.0.1:8080",
+            "Base URL of the OpenAI-compatible upstream (llama.cpp server).",
+            _upstream_url, "upstream"),
+    Setting("max-concurrent", "MAX_CONCURRENT", "1",
+            "Generation requests (POST) sent to the upstream at once; the rest queue.",
+            _positive_int("max-concurrent"), "max_concurrent"),
+    Setting("users", "USERS_FILE", "users.json",
+            "Path of the users file mapping API keys to user names.",
+            str, "users_file"),
+    Setting("queue-events", "QUEUE_EVENTS", "comment",
+            "How a queued stream is told its position: 'comment' (SSE comments only) or "
+            "'data' (also the original gateway's queue.update data event).",
+            _queue_events, "queue_events"),
+    Setting("keepalive-interval", "KEEPALIVE_INTERVAL", "15",
+            "Seconds between SSE keepalive comments sent to a stream while it waits in the queue.",
+            _positive_float("keepalive-interval"), "keepalive_interval"),
+    Setting("users-poll-interval", "USERS_POLL_INTERVAL", "2",
+            "Seconds between checks of the users file for changes.",
+            _positive_float("users-poll-interval"), "users_poll_interval"),
+)
+
+
+@attrs.frozen
+class Config:
+    """The gateway's settings, checked and final."""
+
+    listen: tuple[str, ...] = ("tcp:8000",)
+    upstream: str = "http://127.0.0.1:8080"
+    max_concurrent: int = 1
+    users_file: str = "users.json"
+    queue_events: str = "comment"
+    keepalive_interval: float = 15.0
+    users_poll_interval: float = 2.0
+
+
+LISTEN_ENV = "LISTEN"
+LISTEN_DEFAULT = "tcp:8000"
+
+
+def _help(setting: Setting) -> str:
+    return f"{setting.help} [env: {setting.env}] [default: {setting.default}]"
+
+
+class Options(usage.Options):
+    """C{twistd llmgw} options; each has an environment variable."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "llmgw: a gateway in front of an OpenAI-compatible LLM server, with per-user "
+        "bearer keys, a visible queue, unbuffered streaming and usage metrics. "
+        "Every option can also be set by its environment variable; the option wins."
+    )
+    optParameters: list[Sequence[object]] = [
+        [s.option, None, None, _help(s)] for s in SETTINGS
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Endpoint to listen on, as a Twisted strports description (e.g. tcp:8000,
+        tcp:8000:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem).
+        Repeat for several. [env: LISTEN, space or comma separated] [default: tcp:8000]
+        """
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        # usage errors make twistd print the whole help before the message;
+        # a bad value deserves just the one line that says what is wrong.
+        try:
+            self.config = build_config(self, os.environ)
+        except ConfigError as e:
+            raise SystemExit(f"llmgw: error: {e}") from None
+
+
+def build_config(options: Mapping[str, object], environ: Mapping[str, str]) -> Config:
+    """Resolve CLI values, then environment, then defaults, into a checked L{Config}."""
+    values: dict[str, object] = {}
+    for s in SETTINGS:
+        raw = options.get(s.option)
+        if raw is None:
+            raw = environ.get(s.env) or s.default
+        values[s.field] = s.parse(str(raw))
+    listen = options.get("listen") or _listen_list(environ.get(LISTEN_ENV) or LISTEN_DEFAULT)
+    assert isinstance(listen, (list, tuple))
+    values["listen"] = tuple(_check_endpoint(str(d)) for d in listen)
+    return Config(**values)  # type: ignore[arg-type]
+
+
+def _check_endpoint(description: str) -> str:
+    """Parse a strports description without listening, so a typo fails at startup."""
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except Exception as e:  # the parsers raise ValueError, KeyError, TypeError, OSError...
+        raise ConfigError(f"cannot use listen endpoint {description!r}: {e}") from None
+    return description

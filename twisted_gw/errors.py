@@ -1,0 +1,48 @@
+"""OpenAI-shaped errors: C{{"error": {"message", "type", "code"}}}."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import attrs
+
+
+def error_document(message: str, type: str, code: Optional[str]) -> dict[str, object]:
+    return {"error": {"message": message, "type": type, "code": code}}
+
+
+def error_json(message: str, type: str, code: Optional[str]) -> bytes:
+    return json.dumps(error_document(message, type, code)).encode("utf-8")
+
+
+@attrs.define
+class GatewayError(Exception):
+    """An error answered to the client before any of the response was sent."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: Optional[str] = None
+    headers: dict[bytes, bytes] = attrs.Factory(dict)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.message}"
+
+    def body(self) -> bytes:
+        return error_json(self.message, self.type, self.code)
+
+
+def unauthorized(message: str) -> GatewayError:
+    return GatewayError(
+        401, message, "invalid_request_error", "invalid_api_key",
+        {b"WWW-Authenticate": b'Bearer realm="llmgw"'},
+    )
+
+
+def bad_request(message: str, code: str = "invalid_request") -> GatewayError:
+    return GatewayError(400, message, "invalid_request_error", code)
+
+
+def bad_gateway(message: str, code: str = "upstream_unreachable") -> GatewayError:
+    return GatewayError(502, message, "upstream_error", code)

@@ -1,0 +1,67 @@
+"""Wires the gateway together: C{makeService} for twistd."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+
+from twisted_gw.accounting import Accounting
+from twisted_gw.admission import Admission
+from twisted_gw.auth import UsersFile
+from twisted_gw.config import Config
+from twisted_gw.metrics import snapshot
+from twisted_gw.proxy import Proxy
+from twisted_gw.upstream import Upstream
+from twisted_gw.web import GatewayApp, GatewaySite
+
+
+class Gateway(Service):
+    """The gateway's parts, started and stopped with the application."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.users = UsersFile(config.users_file, reactor, config.users_poll_interval)
+        self.admission = Admission(config.max_concurrent)
+        self.accounting = Accounting(reactor)
+        self.upstream = Upstream(reactor, config.upstream, max_connections=config.max_concurrent + 8)
+        self.proxy = Proxy(
+            self.upstream, self.admission, self.accounting, reactor,
+            queue_events=config.queue_events, keepalive_interval=config.keepalive_interval,
+        )
+        self.app = GatewayApp(
+            self.proxy,
+            lambda key: self.users.current.lookup(key),
+            lambda: snapshot(self.admission, self.accounting),
+        )
+        self.site = GatewaySite(self.app.resource())
+
+    def startService(self) -> None:
+        super().startService()
+        self.users.load_now()
+        self.users.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.users.stop()
+        return self.upstream.close()
+
+
+def makeService(config: Config, reactor: Any = None) -> MultiService:
+    """The twistd application: the gateway and one listener per C{--listen}."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    top = MultiService()
+    gateway = Gateway(config, reactor)
+    gateway.setName("gateway")
+    gateway.setServiceParent(top)
+    for description in config.listen:
+        endpoint = endpoints.serverFromString(reactor, description)
+        StreamServerEndpointService(endpoint, gateway.site).setServiceParent(top)
+    return top

@@ -1,0 +1,332 @@
+"""
+Test doubles shared by the tests and benchmarks.
+
+L{FakeLlama} is a real HTTP server on 127.0.0.1 that answers like llama.cpp's
+server does on the wire: chat and completion streams with C{timings} on the
+last chunk, a C{usage} chunk only when asked with C{stream_options}, C{[DONE]},
+non-stream JSON with C{usage} and C{timings}, C{/health} and C{/v1/models}.
+It records every request (headers, URI, body) and whether its client went
+away before the response was complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional
+
+import attrs
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.web import resource, server
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest
+
+MODEL = "fake-llama"
+
+
+@attrs.define(eq=False)
+class Recorded:
+    """One request as the fake server saw it."""
+
+    method: bytes
+    uri: bytes
+    headers: Headers
+    body: bytes
+    disconnected: bool = False
+    completed: bool = False
+    chunks_sent: int = 0
+    ended: Deferred[None] = attrs.Factory(Deferred)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _count_prompt(doc: dict[str, Any]) -> int:
+    if isinstance(doc.get("messages"), list):
+        text = " ".join(str(m.get("content", "")) for m in doc["messages"] if isinstance(m, dict))
+    else:
+        text = str(doc.get("prompt", ""))
+    return len(text.split()) + 4
+
+
+@attrs.define(eq=False)
+class FakeLlama:
+    """
+    A llama.cpp-like server.  Knobs: C{reply} (the tokens generated),
+    C{chunk_delay} (seconds between tokens), C{header_delay} (seconds before the
+    response starts), C{cache_n} (prompt tokens reported as cached), C{loading}
+    (C{/health} answers 503), and C{manual}: each token then waits for
+    L{release} to be called.
+    """
+
+    reactor: Any
+    reply: tuple[str, ...] = ("Hello", ",", " this", " is", " a", " fake", " llama", ".")
+    chunk_delay: float = 0.0
+    header_delay: float = 0.0
+    cache_n: int = 0
+    loading: bool = False
+    manual: bool = False
+    requests: list[Recorded] = attrs.Factory(list)
+    _permits: list[Deferred[None]] = attrs.Factory(list)
+    _released: int = 0
+    _port: Optional[IListeningPort] = None
+    _arrivals: list[Deferred[Recorded]] = attrs.Factory(list)
+
+    async def start(self) -> str:
+        endpoint = endpoints.TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+        site = server.Site(_FakeResource(self))
+        site.noisy = False
+        self._port = await endpoint.listen(site)
+        return self.url
+
+    @property
+    def url(self) -> str:
+        assert self._port is not None
+        return f"http://127.0.0.1:{self._port.getHost().port}"
+
+    async def stop(self) -> None:
+        if self._port is not None:
+            await self._port.stopListening()
+            self._port = None
+
+    def release(self, count: int = 1) -> None:
+        """Let C{count} more tokens out (manual mode)."""
+        for _ in range(count):
+            if self._permits:
+                self._permits.pop(0).callback(None)
+            else:
+                self._released += 1
+
+    def _permit(self) -> Deferred[None]:
+        if not self.manual:
+            return succeed(None)
+        if self._released:
+            self._released -= 1
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._permits.append(d)
+        return d
+
+    def next_request(self) -> Deferred[Recorded]:
+        """Fires with the next request the server receives."""
+        d: Deferred[Recorded] = Deferred()
+        self._arrivals.append(d)
+        return d
+
+    def _arrived(self, rec: Recorded) -> None:
+        self.requests.append(rec)
+        waiting, self._arrivals = self._arrivals, []
+        for d in waiting:
+            d.callback(rec)
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"completion_tokens": completion, "prompt_tokens": prompt, "total_tokens": prompt + completion}
+
+
+def _timings(prompt: int, cache_n: int, completion: int) -> dict[str, float]:
+    return {
+        "cache_n": cache_n,
+        "prompt_n": prompt - cache_n,
+        "prompt_ms": 1.5,
+        "prompt_per_token_ms": 0.1,
+        "prompt_per_second": 10000.0,
+        "predicted_n": completion,
+        "predicted_ms": 2.5,
+        "predicted_per_token_ms": 0.3,
+        "predicted_per_second": 3000.0,
+    }
+
+
+class _FakeResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, fake: FakeLlama) -> None:
+        super().__init__()
+        self.fake = fake
+
+    def render(self, request: IRequest) -> Any:
+        fake = self.fake
+        rec = Recorded(
+            request.method, request.uri, request.requestHeaders.copy(), request.content.read()
+        )
+        fake._arrived(rec)
+        request.notifyFinish().addCallbacks(
+            lambda _: self._ended(rec, completed=True),
+            lambda _: self._ended(rec, completed=False),
+        )
+        path = request.path
+        if path == b"/health":
+            if fake.loading:
+                return self._json(request, 503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
+            return self._json(request, 200, {"status": "ok"})
+        if path == b"/v1/models":
+            return self._json(request, 200, {"object": "list", "data": [
+                {"id": MODEL, "object": "model", "created": 0, "owned_by": "llamacpp"}
+            ]})
+        if path in (b"/v1/chat/completions", b"/v1/completions") and request.method == b"POST":
+            try:
+                doc = json.loads(rec.body)
+                assert isinstance(doc, dict)
+            except (ValueError, AssertionError):
+                return self._json(request, 400, {"error": {"code": 400, "message": "Invalid JSON", "type": "invalid_request_error"}})
+            if doc.get("error_status"):
+                status = int(doc["error_status"])
+                return self._json(request, status, {"error": {"code": status, "message": "fake failure", "type": "server_error"}})
+            chat = path == b"/v1/chat/completions"
+            generation = _Generation(fake, request, rec, doc, chat)
+            fake.reactor.callLater(fake.header_delay, generation.begin)
+            return server.NOT_DONE_YET
+        return self._json(request, 404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+
+    @staticmethod
+    def _ended(rec: Recorded, completed: bool) -> None:
+        rec.completed = completed
+        rec.disconnected = not completed
+        rec.ended.callback(None)
+
+    @staticmethod
+    def _json(request: IRequest, status: int, doc: Any) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        return json.dumps(doc).encode("utf-8")
+
+
+class _Generation:
+    """Produces one response token by token, stopping if the client leaves."""
+
+    def __init__(self, fake: FakeLlama, request: IRequest, rec: Recorded, doc: dict[str, Any], chat: bool) -> None:
+        self.fake = fake
+        self.request = request
+        self.rec = rec
+        self.doc = doc
+        self.chat = chat
+        self.stream = doc.get("stream") is True
+        max_tokens = doc.get("max_tokens")
+        self.tokens = fake.reply[:max_tokens] if isinstance(max_tokens, int) else fake.reply
+        self.prompt = _count_prompt(doc)
+        self.cache_n = min(fake.cache_n, self.prompt - 1)
+        self.id = ("chatcmpl-" if chat else "cmpl-") + str(len(fake.requests))
+        self.created = int(time.time())
+        self.index = 0
+        self.gone = False
+        rec.ended.addCallback(self._client_gone)
+
+    def _client_gone(self, _: object) -> None:
+        self.gone = not self.rec.completed
+
+    def begin(self) -> None:
+        if self.gone:
+            return
+        if self.stream:
+            self.request.setHeader(b"Content-Type", b"text/event-stream")
+            self.request.setHeader(b"Cache-Control", b"no-cache")
+            # like llama.cpp's HTTP library: stream headers go out before the first token
+            self.request.write(b"")
+        else:
+            self.request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        self._next()
+
+    def _next(self) -> None:
+        if self.gone:
+            return
+        if self.index >= len(self.tokens):
+            self._finish()
+            return
+        d = self.fake._permit()
+        d.addCallback(lambda _: self._emit())
+
+    def _emit(self) -> None:
+        if self.gone:
+            return
+        token = self.tokens[self.index]
+        self.index += 1
+        if self.stream:
+            if self.chat:
+                delta: dict[str, Any] = {"content": token}
+                if self.index == 1:
+                    delta = {"role": "assistant", "content": token}
+                self._event(self._chunk([{"finish_reason": None, "index": 0, "delta": delta}]))
+            else:
+                self._event(self._chunk([{"text": token, "index": 0, "logprobs": None, "finish_reason": None}]))
+            self.rec.chunks_sent += 1
+        self.fake.reactor.callLater(self.fake.chunk_delay, self._next)
+
+    def _chunk(self, choices: list[Any], **extra: Any) -> dict[str, Any]:
+        return {
+            "choices": choices, "created": self.created, "id": self.id, "model": MODEL,
+            "system_fingerprint": "b0000-fake",
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            **extra,
+        }
+
+    def _event(self, obj: Any) -> None:
+        self.request.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+    def _finish(self) -> None:
+        completion = len(self.tokens)
+        usage = _usage(self.prompt, completion)
+        timings = _timings(self.prompt, self.cache_n, completion)
+        if self.stream:
+            include_usage = bool((self.doc.get("stream_options") or {}).get("include_usage"))
+            final_choice: dict[str, Any]
+            if self.chat:
+                final_choice = {"finish_reason": "stop", "index": 0, "delta": {}}
+            else:
+                final_choice = {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}
+            if self.chat and include_usage:
+                # llama.cpp moves timings onto the usage chunk when usage is asked for
+                self._event(self._chunk([final_choice]))
+                self._event(self._chunk([], usage=usage, timings=timings))
+            elif self.chat:
+                self._event(self._chunk([final_choice], timings=timings))
+            else:
+                # completions streams carry usage on the final chunk regardless
+                self._event(self._chunk([final_choice], usage=usage, timings=timings))
+            self.request.write(b"data: [DONE]\n\n")
+        else:
+            text = "".join(self.tokens)
+            if self.chat:
+                choices: list[Any] = [{"finish_reason": "stop", "index": 0,
+                                       "message": {"role": "assistant", "content": text}}]
+            else:
+                choices = [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}]
+            body = {
+                "choices": choices, "created": self.created, "model": MODEL,
+                "system_fingerprint": "b0000-fake",
+                "object": "chat.completion" if self.chat else "text_completion",
+                "usage": usage, "id": self.id, "timings": timings,
+            }
+            payload = json.dumps(body, separators=(",", ":")).encode()
+            self.request.setHeader(b"Content-Length", str(len(payload)).encode())
+            self.request.write(payload)
+        self.request.finish()
+
+
+@attrs.define(eq=False)
+class RunningGateway:
+    """A gateway started in this process on an ephemeral loopback port."""
+
+    gateway: Any
+    port: IListeningPort
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port.getHost().port}"
+
+    async def stop(self) -> None:
+        await self.port.stopListening()
+        await self.gateway.stopService()
+
+
+async def start_gateway(reactor: Any, config: Any) -> RunningGateway:
+    """Start L{twisted_gw.service.Gateway} with C{config}, listening on 127.0.0.1:0."""
+    from twisted_gw.service import Gateway
+
+    gateway = Gateway(config, reactor)
+    gateway.startService()
+    endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    port = await endpoint.listen(gateway.site)
+    return RunningGateway(gateway, port)

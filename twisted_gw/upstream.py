@@ -1,0 +1,117 @@
+"""
+The upstream side: one L{Agent} over a persistent L{HTTPConnectionPool}, and
+body delivery to a protocol that can be stopped.
+
+Twisted's L{Agent} is used directly rather than through treq's client: treq
+wraps every request in a shared cookie jar, a redirect follower and a gzip
+decoder, all of which a transparent proxy must not do (a cookie set for one
+user would be sent on another's request).  treq remains in use for the
+gateway's tests and tools.  Bodies are not collected with C{treq.collect()}
+either: its L{Deferred} has no canceller, so a client that leaves would leave
+the upstream generating.  L{BodyRelay} stops the upstream connection instead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer, IReactorTCP
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
+
+# llama.cpp's HTTP library closes idle keep-alive connections after 5 s; a POST
+# is never retried on a stale one (twisted #7843), so give them up first.
+CACHED_CONNECTION_TIMEOUT = 4.0
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: object) -> Deferred[None]:
+        consumer.write(self._body)  # type: ignore[attr-defined]
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Upstream:
+    """Requests to one upstream base URL over a shared connection pool."""
+
+    def __init__(self, reactor: IReactorTCP, base_url: str, max_connections: int = 8) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max_connections
+        self.pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
+        self.agent = Agent(reactor, pool=self.pool)
+
+    def url(self, uri: bytes) -> bytes:
+        """The upstream URL for a gateway request URI (path and query, kept as sent)."""
+        return self.base_url.encode("ascii") + uri
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Headers, body: Optional[bytes]
+    ) -> Deferred[IResponse]:
+        """Send a request; fires with the response once its headers arrived. Cancellable."""
+        producer = BytesProducer(body) if body else None
+        return self.agent.request(method, self.url(uri), headers, producer)
+
+    def close(self) -> Deferred[None]:
+        return self.pool.closeCachedConnections()
+
+
+class BodyRelay(Protocol):
+    """
+    Receives a response body chunk by chunk and hands each to C{on_data}.
+
+    L{done} fires when the body is complete and errbacks if it was cut short.
+    Cancelling L{done} closes the upstream connection, which is how llama.cpp
+    learns to stop generating.
+    """
+
+    def __init__(self, on_data: Callable[[bytes], None]) -> None:
+        self._on_data = on_data
+        self.done: Deferred[None] = Deferred(self._cancel)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._on_data(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+    def _cancel(self, _: Deferred[None]) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    @property
+    def producer(self) -> IPushProducer:
+        """The upstream side as a push producer, to pause reading when the client is slow."""
+        return self.transport  # type: ignore[return-value]
+
+
+def stream_body(response: IResponse, on_data: Callable[[bytes], None]) -> BodyRelay:
+    relay = BodyRelay(on_data)
+    response.deliverBody(relay)
+    return relay

@@ -1,0 +1,129 @@
+"""
+The HTTP surface: Klein routes, bearer authentication, error rendering, and
+the site's request class.  Thin: the work is done in L{twisted_gw.proxy}.
+"""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+from typing import Any, Callable, Optional
+
+import attrs
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+from twisted_gw.errors import GatewayError, error_json, unauthorized
+from twisted_gw.proxy import Proxy
+
+log = Logger(namespace="llmgw.web")
+
+
+def _json(request: IRequest, status: int, doc: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(doc).encode("utf-8")
+
+
+def bearer_key(request: IRequest) -> Optional[str]:
+    """The key of an C{Authorization: Bearer <key>} header, or None."""
+    header = request.getHeader(b"authorization")
+    if header is None:
+        return None
+    scheme, _, key = header.strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not key.strip():
+        return None
+    try:
+        return key.strip().decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+@attrs.define
+class GatewayApp:
+    """Routes of the gateway; C{lookup_user} maps a key to a user name."""
+
+    proxy: Proxy
+    lookup_user: Callable[[str], Optional[str]]
+    metrics: Callable[[], dict[str, Any]]
+    app: Klein = attrs.field(init=False, factory=Klein)
+
+    def __attrs_post_init__(self) -> None:
+        app = self.app
+        # Paths are forwarded as sent; werkzeug must not redirect '//' to '/'.
+        app.url_map.merge_slashes = False
+        app.route("/health", methods=["GET", "HEAD"])(self.health)
+        app.route("/metrics", methods=["GET"])(self.metrics_json)
+        app.route("/v1", branch=True)(self.v1)
+        app.handle_errors(GatewayError)(self.gateway_error)
+        app.handle_errors(HTTPException)(self.http_error)
+        app.handle_errors(Exception)(self.internal_error)
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    def health(self, request: IRequest) -> bytes:
+        return _json(request, 200, {"status": "ok"})
+
+    def metrics_json(self, request: IRequest) -> bytes:
+        request.setHeader(b"Cache-Control", b"no-store")
+        return _json(request, 200, self.metrics())
+
+    async def v1(self, request: IRequest) -> None:
+        key = bearer_key(request)
+        if key is None:
+            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        user = self.lookup_user(key)
+        if user is None:
+            raise unauthorized("Incorrect API key provided.")
+        await self.proxy.handle(request, user)
+
+    def gateway_error(self, request: IRequest, failure: Failure) -> bytes:
+        e = failure.value
+        assert isinstance(e, GatewayError)
+        request.setResponseCode(e.status)
+        request.setHeader(b"Content-Type", b"application/json")
+        for name, value in e.headers.items():
+            request.setHeader(name, value)
+        return e.body()
+
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        e = failure.value
+        assert isinstance(e, HTTPException)
+        code = e.code or 500
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(code, "http_error")
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", b"application/json")
+        return error_json(e.description or e.name, "invalid_request_error", kind)
+
+    def internal_error(self, request: IRequest, failure: Failure) -> Optional[bytes]:
+        log.failure("unhandled error on {path}", failure, path=request.uri)
+        if request.startedWriting:  # type: ignore[attr-defined]
+            request.channel.transport.loseConnection()  # type: ignore[attr-defined]
+            return None
+        request.setResponseCode(500)
+        request.setHeader(b"Content-Type", b"application/json")
+        return error_json("Internal gateway error", "server_error", "internal_error")
+
+
+class GatewayRequest(server.Request):
+    """Keeps request bodies in memory (never a temporary file on the reactor thread)."""
+
+    def gotLength(self, length: Optional[int]) -> None:
+        self.content = BytesIO()
+
+
+class GatewaySite(server.Site):
+    """A site without Twisted's combined access log: the proxy logs each request itself."""
+
+    noisy = False
+
+    def __init__(self, resource: Any) -> None:
+        super().__init__(resource, requestFactory=GatewayRequest)
+
+    def log(self, request: server.Request) -> None:
+        pass
