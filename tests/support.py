@@ -72,9 +72,8 @@ class Collector(Protocol):
 
     def abort(self) -> None:
         """Go away like a client that closed its connection."""
-        assert self.transport is not None
         self.done.addErrback(lambda _: None)
-        self.transport.stopProducing()
+        self.transport.stopProducing()  # type: ignore[union-attr]
 
 
 @attrs.define
@@ -107,6 +106,11 @@ class GatewayTestCase(unittest.TestCase):
     gw: RunningGateway
     timeout = 20
 
+    def setUp(self) -> None:
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.agent = Agent(reactor, pool=self.pool)
+        self.addCleanup(self.pool.closeCachedConnections)
+
     async def start(self, fake: Optional[FakeLlama] = None, users: Optional[dict[str, str]] = None,
                     **config: Any) -> None:
         self.fake = fake or FakeLlama(reactor)
@@ -119,9 +123,6 @@ class GatewayTestCase(unittest.TestCase):
         self.config = Config(users_file=self.users_path, **config)
         self.gw = await start_gateway(reactor, self.config)
         self.addCleanup(self.gw.stop)
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.agent = Agent(reactor, pool=self.pool)
-        self.addCleanup(self.pool.closeCachedConnections)
 
     async def call(self, method: str, path: str, body: Optional[bytes] = None, key: Optional[str] = ALICE,
                    headers: Optional[dict[str, list[str]]] = None, url: Optional[str] = None) -> Reply:

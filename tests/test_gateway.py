@@ -44,7 +44,7 @@ class AuthTests(GatewayTestCase):
         await self.start()
         reply = await self.call("GET", "/v1/models", key=None)
         self.assertEqual(reply.code, 401)
-        self.assertTrue(reply.header("WWW-Authenticate").startswith(b"Bearer"))
+        self.assertTrue((reply.header("WWW-Authenticate") or b"").startswith(b"Bearer"))
         error = (await reply.json())["error"]
         self.assertEqual(set(error), {"message", "type", "code"})
         self.assertEqual(error["code"], "invalid_api_key")
@@ -94,8 +94,7 @@ class ForwardingTests(GatewayTestCase):
         self.assertEqual(seen.headers.getRawHeaders(b"x-custom"), [b"kept"])
         for dropped in (b"authorization", b"x-secret", b"keep-alive", b"proxy-authorization"):
             self.assertFalse(seen.headers.hasHeader(dropped), dropped)
-        self.assertNotEqual(seen.headers.getRawHeaders(b"host"), None)
-        self.assertNotIn(b"127.0.0.1:%d" % self.gw.port.getHost().port, seen.headers.getRawHeaders(b"host")[0])
+        self.assertEqual(seen.headers.getRawHeaders(b"host"), [self.fake.url.removeprefix("http://").encode()])
 
     async def test_response_status_and_headers_relayed_without_duplicates(self) -> None:
         await self.start()
@@ -178,7 +177,7 @@ class StreamingTests(GatewayTestCase):
         # ids differ per request; everything else must be the same bytes
         self.assertEqual(len(sse_data(via_gateway)), len(sse_data(direct)))
         self.assertNotIn(b": ", via_gateway.replace(b"data: ", b""))
-        for a, b in zip(sse_data(via_gateway), sse_data(direct)):
+        for a, b in zip(sse_data(via_gateway), sse_data(direct), strict=True):
             if a == b"[DONE]":
                 self.assertEqual(a, b)
                 continue

@@ -9,7 +9,8 @@ removes it at once and moves everyone behind it up.  Pure logic: no reactor.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
@@ -96,4 +97,4 @@ class Admission:
                 waiter.on_position(position)
 
 
-__all__ = ["Admission", "Ticket", "CancelledError"]
+__all__ = ["Admission", "CancelledError", "Ticket"]

@@ -14,7 +14,8 @@ import hashlib
 import hmac
 import json
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -22,6 +23,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+
+log = Logger(namespace="llmgw.auth")
 
 HASH_PREFIX = "sha256:"
 
@@ -123,7 +126,6 @@ class UsersFile:
     _seen: Optional[tuple[int, int, int]] = None
     _missing_logged: bool = False
     _loop: Optional[LoopingCall] = None
-    _log: Logger = Logger()
 
     def load_now(self) -> None:
         """Load the file synchronously; for startup only, never on a request."""
@@ -133,7 +135,7 @@ class UsersFile:
         """Check the file once (stat and read in a thread); fires when applied."""
         d = self.run_in_thread(self._read_if_changed)
         d.addCallback(self._apply)
-        d.addErrback(lambda f: self._log.failure("checking users file {path}", f, path=self.path))
+        d.addErrback(lambda f: log.failure("checking users file {path}", f, path=self.path))
         return d
 
     def start(self) -> None:
@@ -172,17 +174,17 @@ class UsersFile:
         if kind == "loaded":
             assert isinstance(value, UserSet)
             self.current = value
-            self._log.info(
+            log.info(
                 "users file {path} loaded: {count} users", path=self.path, count=len(value.users)
             )
         elif kind == "invalid":
-            self._log.error(
+            log.error(
                 "users file {path} is invalid ({why}); keeping the last good set of {count} users",
                 path=self.path, why=value, count=len(self.current.users),
             )
         else:
             self.current = UserSet()
-            self._log.warn(
+            log.warn(
                 "users file {path} does not exist: no user can authenticate until it does",
                 path=self.path,
             )

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
 import attrs
 
@@ -54,8 +55,8 @@ def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
 
 
 def forward_headers(
-    raw: Iterable[tuple[bytes, list[bytes]]], connection: Iterable[bytes], drop: frozenset[bytes]
-) -> list[tuple[bytes, list[bytes]]]:
+    raw: Iterable[tuple[bytes, Sequence[bytes]]], connection: Iterable[bytes], drop: frozenset[bytes]
+) -> list[tuple[bytes, Sequence[bytes]]]:
     """The headers to pass on: all but C{drop} and those named by C{Connection}."""
     also = connection_tokens(connection)
     return [(name, values) for name, values in raw if name.lower() not in drop and name.lower() not in also]

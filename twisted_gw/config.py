@@ -9,7 +9,7 @@ checked here, so that a bad value stops startup with one clear line.
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import attrs
@@ -51,7 +51,7 @@ def _upstream_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"upstream must be an http:// or https:// URL with a host, not {text!r}")
     try:
-        parts.port
+        _ = parts.port
     except ValueError:
         raise ConfigError(f"upstream has an invalid port: {text!r}") from None
     if parts.query or parts.fragment:

@@ -18,7 +18,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest, IResponse
+from twisted.web.iweb import IResponse
+from twisted.web.server import Request
 
 from twisted_gw import sse
 from twisted_gw.accounting import Accounting, RequestRecord
@@ -50,7 +51,7 @@ SSE_HEADERS = (
 class Exchange:
     """The state of one proxied request, for relaying and accounting."""
 
-    request: IRequest
+    request: Request
     user: str
     started: float
     stream: bool = False
@@ -87,10 +88,10 @@ class Proxy:
     queue_events: str = "comment"
     keepalive_interval: float = 15.0
 
-    async def handle(self, request: IRequest, user: str) -> None:
+    async def handle(self, request: Request, user: str) -> None:
         ex = Exchange(request, user, self.clock.seconds())
         uri = check_uri(request.uri)
-        body = request.content.read()
+        body = request.content.read() if request.content is not None else b""
         info = inspect_body(body, request.getHeader(b"content-type"))
         ex.stream = info.stream
         ticket: Optional[Ticket] = None
@@ -141,7 +142,7 @@ class Proxy:
         ex.keepalive = None
 
     @staticmethod
-    def _upstream_headers(request: IRequest, user: str) -> Headers:
+    def _upstream_headers(request: Request, user: str) -> Headers:
         incoming = request.requestHeaders
         kept = forward_headers(
             incoming.getAllRawHeaders(),
@@ -207,10 +208,10 @@ class Proxy:
             else:
                 # A JSON body cut short cannot be mended: close, so the client
                 # sees a broken response rather than waiting for the rest.
-                request.channel.transport.loseConnection()  # type: ignore[attr-defined]
+                request.loseConnection()
             log.warn("upstream body broke for {user}: {why}", user=ex.user, why=_reason(e))
         finally:
-            if request.channel is not None:  # type: ignore[attr-defined]
+            if request.channel is not None:
                 request.unregisterProducer()
         if not event_stream and size[0] <= MAX_USAGE_BODY:
             ex.tracker.see_body(b"".join(kept))
@@ -235,7 +236,7 @@ class Proxy:
                 message = f"{message}: {text.strip()[:500]}"
         ex.write_error_event(message, "upstream_error", f"upstream_{response.code}")
 
-    def _account(self, ex: Exchange, request: IRequest) -> None:
+    def _account(self, ex: Exchange, request: Request) -> None:
         usage = ex.tracker.usage
         duration = self.clock.seconds() - ex.started
         path = request.uri.partition(b"?")[0].decode("ascii", "replace")

@@ -24,6 +24,8 @@ class SSEParser:
         self._after_cr = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if not chunk:
+            return []
         if self._after_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._after_cr = chunk.endswith(b"\r")

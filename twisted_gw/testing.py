@@ -17,13 +17,20 @@ from typing import Any, Optional
 
 import attrs
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.web import resource, server
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 MODEL = "fake-llama"
+
+
+def _url(port: IListeningPort) -> str:
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)
+    return f"http://127.0.0.1:{address.port}"
 
 
 @attrs.define(eq=False)
@@ -37,6 +44,7 @@ class Recorded:
     disconnected: bool = False
     completed: bool = False
     chunks_sent: int = 0
+    events: list[bytes] = attrs.Factory(list)
     ended: Deferred[None] = attrs.Factory(Deferred)
 
     def json(self) -> Any:
@@ -84,11 +92,11 @@ class FakeLlama:
     @property
     def url(self) -> str:
         assert self._port is not None
-        return f"http://127.0.0.1:{self._port.getHost().port}"
+        return _url(self._port)
 
     async def stop(self) -> None:
         if self._port is not None:
-            await self._port.stopListening()
+            await maybeDeferred(self._port.stopListening)
             self._port = None
 
     def release(self, count: int = 1) -> None:
@@ -140,6 +148,10 @@ def _timings(prompt: int, cache_n: int, completion: int) -> dict[str, float]:
     }
 
 
+def _error(code: int, message: str, type: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "type": type}}
+
+
 class _FakeResource(resource.Resource):
     isLeaf = True
 
@@ -147,10 +159,11 @@ class _FakeResource(resource.Resource):
         super().__init__()
         self.fake = fake
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, request: Request) -> Any:
         fake = self.fake
         rec = Recorded(
-            request.method, request.uri, request.requestHeaders.copy(), request.content.read()
+            request.method, request.uri, request.requestHeaders.copy(),
+            request.content.read() if request.content is not None else b""
         )
         fake._arrived(rec)
         request.notifyFinish().addCallbacks(
@@ -160,7 +173,7 @@ class _FakeResource(resource.Resource):
         path = request.path
         if path == b"/health":
             if fake.loading:
-                return self._json(request, 503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
+                return self._json(request, 503, _error(503, "Loading model", "unavailable_error"))
             return self._json(request, 200, {"status": "ok"})
         if path == b"/v1/models":
             return self._json(request, 200, {"object": "list", "data": [
@@ -171,15 +184,15 @@ class _FakeResource(resource.Resource):
                 doc = json.loads(rec.body)
                 assert isinstance(doc, dict)
             except (ValueError, AssertionError):
-                return self._json(request, 400, {"error": {"code": 400, "message": "Invalid JSON", "type": "invalid_request_error"}})
+                return self._json(request, 400, _error(400, "Invalid JSON", "invalid_request_error"))
             if doc.get("error_status"):
                 status = int(doc["error_status"])
-                return self._json(request, status, {"error": {"code": status, "message": "fake failure", "type": "server_error"}})
+                return self._json(request, status, _error(status, "fake failure", "server_error"))
             chat = path == b"/v1/chat/completions"
             generation = _Generation(fake, request, rec, doc, chat)
             fake.reactor.callLater(fake.header_delay, generation.begin)
             return server.NOT_DONE_YET
-        return self._json(request, 404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+        return self._json(request, 404, _error(404, "File Not Found", "not_found_error"))
 
     @staticmethod
     def _ended(rec: Recorded, completed: bool) -> None:
@@ -188,7 +201,7 @@ class _FakeResource(resource.Resource):
         rec.ended.callback(None)
 
     @staticmethod
-    def _json(request: IRequest, status: int, doc: Any) -> bytes:
+    def _json(request: Request, status: int, doc: Any) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
         return json.dumps(doc).encode("utf-8")
@@ -197,7 +210,7 @@ class _FakeResource(resource.Resource):
 class _Generation:
     """Produces one response token by token, stopping if the client leaves."""
 
-    def __init__(self, fake: FakeLlama, request: IRequest, rec: Recorded, doc: dict[str, Any], chat: bool) -> None:
+    def __init__(self, fake: FakeLlama, request: Request, rec: Recorded, doc: dict[str, Any], chat: bool) -> None:
         self.fake = fake
         self.request = request
         self.rec = rec
@@ -263,7 +276,9 @@ class _Generation:
         }
 
     def _event(self, obj: Any) -> None:
-        self.request.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        self.rec.events.append(data)
+        self.request.write(b"data: " + data + b"\n\n")
 
     def _finish(self) -> None:
         completion = len(self.tokens)
@@ -314,10 +329,10 @@ class RunningGateway:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port.getHost().port}"
+        return _url(self.port)
 
     async def stop(self) -> None:
-        await self.port.stopListening()
+        await maybeDeferred(self.port.stopListening)
         await self.gateway.stopService()
 
 

@@ -13,13 +13,14 @@ the upstream generating.  L{BodyRelay} stops the upstream connection instead.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTCP
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
@@ -27,7 +28,7 @@ from zope.interface import implementer
 
 # llama.cpp's HTTP library closes idle keep-alive connections after 5 s; a POST
 # is never retried on a stale one (twisted #7843), so give them up first.
-CACHED_CONNECTION_TIMEOUT = 4.0
+CACHED_CONNECTION_TIMEOUT = 4
 
 
 @implementer(IBodyProducer)
@@ -52,6 +53,10 @@ class BytesProducer:
         pass
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # no log line for every pooled connection opened and closed
+
+
 class Upstream:
     """Requests to one upstream base URL over a shared connection pool."""
 
@@ -60,6 +65,7 @@ class Upstream:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections
         self.pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
+        self.pool._factory = _QuietClientFactory
         self.agent = Agent(reactor, pool=self.pool)
 
     def url(self, uri: bytes) -> bytes:
@@ -103,7 +109,7 @@ class BodyRelay(Protocol):
 
     def _cancel(self, _: Deferred[None]) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            self.producer.stopProducing()
 
     @property
     def producer(self) -> IPushProducer:

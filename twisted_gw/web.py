@@ -6,14 +6,15 @@ the site's request class.  Thin: the work is done in L{twisted_gw.proxy}.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from io import BytesIO
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import attrs
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
@@ -73,7 +74,7 @@ class GatewayApp:
         request.setHeader(b"Cache-Control", b"no-store")
         return _json(request, 200, self.metrics())
 
-    async def v1(self, request: IRequest) -> None:
+    async def v1(self, request: server.Request) -> None:
         key = bearer_key(request)
         if key is None:
             raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
@@ -125,5 +126,5 @@ class GatewaySite(server.Site):
     def __init__(self, resource: Any) -> None:
         super().__init__(resource, requestFactory=GatewayRequest)
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass

@@ -1,0 +1,50 @@
+"""Totals and rolling windows, driven by a fake clock."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_gw.accounting import Accounting, RequestRecord
+from twisted_gw.admission import Admission
+from twisted_gw.metrics import snapshot
+
+
+def record(user: str, prompt: int, completion: int, duration: float) -> RequestRecord:
+    return RequestRecord(user, "POST", "/v1/chat/completions", 200, prompt, completion, duration)
+
+
+class AccountingTests(SynchronousTestCase):
+    def test_totals_and_windows(self) -> None:
+        clock = Clock()
+        clock.advance(1000)
+        accounting = Accounting(clock)
+        accounting.record(record("alice", 10, 60, 2.0))
+        clock.advance(90)
+        accounting.record(record("bob", 5, 30, 4.0))
+        self.assertEqual(accounting.tokens_per_second(60), 30 / 60)
+        self.assertEqual(accounting.tokens_per_second(300), 90 / 300)
+        self.assertEqual(accounting.average_response_time(), 3.0)
+        clock.advance(250)  # alice's request is now older than five minutes
+        self.assertEqual(accounting.tokens_per_second(300), 30 / 300)
+        self.assertEqual(accounting.tokens_per_second(60), 0)
+        self.assertEqual(accounting.average_response_time(), 4.0)
+        clock.advance(100)
+        self.assertEqual(accounting.average_response_time(), 0.0)
+        self.assertEqual(accounting.totals.requests, 2)
+        self.assertEqual(accounting.totals.completion_tokens, 90)
+        self.assertEqual(accounting.users["alice"].prompt_tokens, 10)
+
+    def test_snapshot(self) -> None:
+        clock = Clock()
+        accounting = Accounting(clock)
+        admission = Admission(2)
+        admission.acquire()
+        accounting.record(record("alice", 7, 3, 1.0))
+        doc = snapshot(admission, accounting)
+        self.assertEqual(doc["queue"], {"waiting": 0, "active": 1, "depth": 1, "max_concurrent": 2})
+        self.assertEqual(doc["totals"], {"requests": 1, "tokens": 3, "prompt_tokens": 7, "completion_tokens": 3})
+        self.assertEqual(doc["per_user_tokens"], {"alice": 3})
+        self.assertEqual(doc["users"], {"alice": {"requests": 1, "prompt_tokens": 7, "completion_tokens": 3}})
+        self.assertEqual(doc["throughput"], {"tokens_per_second_1m": 0.05, "tokens_per_second_5m": 0.01})
+        self.assertEqual(doc["latency"], {"avg_response_time_s": 1.0})

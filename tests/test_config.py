@@ -1,0 +1,64 @@
+"""Options, environment variables and defaults."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_gw.config import Config, ConfigError, Options, build_config
+
+
+def parse(argv: list[str], env: dict[str, str]) -> Config:
+    options = Options()
+    options.parseArgs = lambda *a: None  # type: ignore[method-assign]
+    # parse without postOptions, which reads the process environment
+    options.postOptions = lambda: None  # type: ignore[method-assign]
+    options.parseOptions(argv)
+    return build_config(options, env)
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        config = parse([], {})
+        self.assertEqual(config, Config())
+        self.assertEqual(config.listen, ("tcp:8000",))
+        self.assertEqual(config.upstream, "http://127.0.0.1:8080")
+        self.assertEqual(config.max_concurrent, 1)
+        self.assertEqual(config.users_file, "users.json")
+
+    def test_env_over_default_and_cli_over_env(self) -> None:
+        env = {"UPSTREAM_URL": "http://127.0.0.1:9000/", "MAX_CONCURRENT": "4", "USERS_FILE": "/etc/u.json",
+               "LISTEN": "tcp:1234 tcp:1235,tcp:1236", "QUEUE_EVENTS": "data"}
+        config = parse([], env)
+        self.assertEqual(config.upstream, "http://127.0.0.1:9000")
+        self.assertEqual(config.max_concurrent, 4)
+        self.assertEqual(config.users_file, "/etc/u.json")
+        self.assertEqual(config.listen, ("tcp:1234", "tcp:1235", "tcp:1236"))
+        self.assertEqual(config.queue_events, "data")
+        config = parse(["--max-concurrent", "2", "--listen", "tcp:1", "--listen", "tcp:2:interface=127.0.0.1",
+                        "--upstream", "https://127.0.0.1:8443/llm"], env)
+        self.assertEqual(config.max_concurrent, 2)
+        self.assertEqual(config.listen, ("tcp:1", "tcp:2:interface=127.0.0.1"))
+        self.assertEqual(config.upstream, "https://127.0.0.1:8443/llm")
+
+    def test_invalid_values_say_what_is_wrong(self) -> None:
+        cases = [
+            (["--max-concurrent", "x"], {}, "whole number"),
+            (["--max-concurrent", "0"], {}, "at least 1"),
+            ([], {"MAX_CONCURRENT": "-3"}, "at least 1"),
+            (["--upstream", "ftp://x"], {}, "http:// or https://"),
+            (["--upstream", "http://"], {}, "with a host"),
+            (["--upstream", "http://h:99999"], {}, "invalid port"),
+            (["--listen", "nonsense:1"], {}, "nonsense:1"),
+            (["--queue-events", "loud"], {}, "comment"),
+            (["--keepalive-interval", "0"], {}, "positive"),
+        ]
+        for argv, env, fragment in cases:
+            with self.assertRaises(ConfigError) as caught:
+                parse(argv, env)
+            self.assertIn(fragment, str(caught.exception), argv)
+
+    def test_post_options_turns_errors_into_one_line_exit(self) -> None:
+        options = Options()
+        with self.assertRaises(SystemExit) as caught:
+            options.parseOptions(["--max-concurrent", "none"])
+        self.assertEqual(str(caught.exception), "llmgw: error: max-concurrent must be a whole number, not 'none'")
