@@ -38,13 +38,15 @@ class AccountingTests(SynchronousTestCase):
     def test_snapshot(self) -> None:
         clock = Clock()
         accounting = Accounting(clock)
-        admission = Admission(2)
+        admission = Admission(2, clock)
         admission.acquire()
         accounting.record(record("alice", 7, 3, 1.0))
         doc = snapshot(admission, accounting)
         self.assertEqual(doc["queue"], {"waiting": 0, "active": 1, "depth": 1, "max_concurrent": 2})
-        self.assertEqual(doc["totals"], {"requests": 1, "tokens": 3, "prompt_tokens": 7, "completion_tokens": 3})
+        self.assertEqual(doc["totals"], {"requests": 1, "tokens": 3, "prompt_tokens": 7, "completion_tokens": 3,
+                                         "cancelled": 0})
         self.assertEqual(doc["per_user_tokens"], {"alice": 3})
-        self.assertEqual(doc["users"], {"alice": {"requests": 1, "prompt_tokens": 7, "completion_tokens": 3}})
+        self.assertEqual(doc["users"], {"alice": {"requests": 1, "prompt_tokens": 7, "completion_tokens": 3,
+                                                    "cancelled": 0}})
         self.assertEqual(doc["throughput"], {"tokens_per_second_1m": 0.05, "tokens_per_second_5m": 0.01})
         self.assertEqual(doc["latency"], {"avg_response_time_s": 1.0})

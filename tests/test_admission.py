@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_gw.admission import Admission, Ticket
@@ -10,7 +11,7 @@ from twisted_gw.admission import Admission, Ticket
 
 class AdmissionTests(SynchronousTestCase):
     def test_free_place_is_granted_at_once_without_a_position(self) -> None:
-        admission = Admission(2)
+        admission = Admission(2, Clock())
         told: list[int] = []
         ticket = self.successResultOf(admission.acquire(told.append))
         self.assertFalse(ticket.waited)
@@ -18,7 +19,7 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual((admission.active, admission.waiting), (1, 0))
 
     def test_positions_are_told_and_updated(self) -> None:
-        admission = Admission(1)
+        admission = Admission(1, Clock())
         running = self.successResultOf(admission.acquire())
         told: dict[str, list[int]] = {"a": [], "b": [], "c": []}
         ds = {name: admission.acquire(told[name].append) for name in "abc"}
@@ -36,7 +37,7 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual((admission.active, admission.waiting), (0, 0))
 
     def test_cancelled_waiter_leaves_and_others_move_up(self) -> None:
-        admission = Admission(1)
+        admission = Admission(1, Clock())
         running = self.successResultOf(admission.acquire())
         told_b: list[int] = []
         a = admission.acquire()
@@ -50,7 +51,7 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual((admission.active, admission.waiting, admission.free), (0, 0, 1))
 
     def test_release_is_counted_once(self) -> None:
-        admission = Admission(1)
+        admission = Admission(1, Clock())
         ticket: Ticket = self.successResultOf(admission.acquire())
         ticket.release()
         ticket.release()
@@ -58,7 +59,7 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(admission.active, 0)
 
     def test_never_more_than_the_limit(self) -> None:
-        admission = Admission(3)
+        admission = Admission(3, Clock())
         ds = [admission.acquire() for _ in range(10)]
         self.assertEqual(sum(1 for d in ds if d.called), 3)
         self.assertEqual((admission.active, admission.waiting), (3, 7))

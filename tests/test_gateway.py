@@ -28,7 +28,8 @@ class HealthAndMetricsTests(GatewayTestCase):
         self.assertEqual(doc["queue"], {"waiting": 0, "active": 0, "depth": 0, "max_concurrent": 3})
         self.assertEqual(set(doc["throughput"]), {"tokens_per_second_1m", "tokens_per_second_5m"})
         self.assertIn("avg_response_time_s", doc["latency"])
-        self.assertEqual(doc["totals"], {"requests": 0, "tokens": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        self.assertEqual(doc["totals"], {"requests": 0, "tokens": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                         "cancelled": 0})
         self.assertEqual(doc["per_user_tokens"], {})
         self.assertEqual(doc["users"], {})
 
@@ -121,7 +122,7 @@ class ForwardingTests(GatewayTestCase):
         metrics = await self.metrics()
         self.assertEqual(metrics["users"]["alice"], {
             "requests": 1, "prompt_tokens": doc["usage"]["prompt_tokens"],
-            "completion_tokens": doc["usage"]["completion_tokens"],
+            "completion_tokens": doc["usage"]["completion_tokens"], "cancelled": 0,
         })
         self.assertEqual(metrics["per_user_tokens"], {"alice": doc["usage"]["completion_tokens"]})
         self.assertEqual(metrics["totals"]["tokens"], doc["usage"]["completion_tokens"])

@@ -35,6 +35,7 @@ class UserTotals:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cancelled: int = 0
 
 
 class Accounting:
@@ -53,6 +54,7 @@ class Accounting:
             totals.requests += 1
             totals.prompt_tokens += rec.prompt_tokens
             totals.completion_tokens += rec.completion_tokens
+            totals.cancelled += rec.cancelled
         self._recent.append((self._clock.seconds(), rec.completion_tokens, rec.duration))
         self._expire()
 

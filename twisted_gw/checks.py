@@ -32,6 +32,17 @@ GATEWAY_USER_HEADER = b"X-Gateway-User"
 _ENCODED_SEPARATOR = re.compile(rb"%(2f|5c|2e)", re.IGNORECASE)
 
 
+METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+
+
+def check_method(method: bytes) -> None:
+    if method not in METHODS:
+        raise GatewayError(
+            405, f"Method {method.decode('ascii', 'replace')!r} is not allowed", "invalid_request_error",
+            "method_not_allowed", {b"Allow": b", ".join(sorted(METHODS))},
+        )
+
+
 def check_uri(uri: bytes) -> bytes:
     """
     Accept a C{/v1/...} request URI to be forwarded as it is; refuse anything

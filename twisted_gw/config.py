@@ -101,6 +101,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("keepalive-interval", "KEEPALIVE_INTERVAL", "15",
             "Seconds between SSE keepalive comments sent to a stream while it waits in the queue.",
             _positive_float("keepalive-interval"), "keepalive_interval"),
+    Setting("max-queue", "MAX_QUEUE", "100",
+            "Requests that may wait in the queue; one more gets 429 with Retry-After.",
+            _positive_int("max-queue"), "max_queue"),
+    Setting("queue-timeout", "QUEUE_TIMEOUT", "600",
+            "Seconds a request may wait in the queue before it gets 503.",
+            _positive_float("queue-timeout"), "queue_timeout"),
+    Setting("upstream-timeout", "UPSTREAM_TIMEOUT", "600",
+            "Seconds to wait for the upstream's response headers (504 after).",
+            _positive_float("upstream-timeout"), "upstream_timeout"),
+    Setting("idle-timeout", "IDLE_TIMEOUT", "300",
+            "Longest silence, in seconds, between two chunks of an upstream body; a generation "
+            "that keeps producing is never cut.",
+            _positive_float("idle-timeout"), "idle_timeout"),
+    Setting("max-body", "MAX_BODY", str(16 * 1024 * 1024),
+            "Largest request body in bytes; a larger one gets 413 without being read.",
+            _positive_int("max-body"), "max_body"),
+    Setting("drain-timeout", "DRAIN_TIMEOUT", "30",
+            "On shutdown, seconds running requests may take to finish before they are closed.",
+            _positive_float("drain-timeout"), "drain_timeout"),
     Setting("users-poll-interval", "USERS_POLL_INTERVAL", "2",
             "Seconds between checks of the users file for changes.",
             _positive_float("users-poll-interval"), "users_poll_interval"),
@@ -118,6 +137,12 @@ class Config:
     queue_events: str = "comment"
     keepalive_interval: float = 15.0
     users_poll_interval: float = 2.0
+    max_queue: int = 100
+    queue_timeout: float = 600.0
+    upstream_timeout: float = 600.0
+    idle_timeout: float = 300.0
+    max_body: int = 16 * 1024 * 1024
+    drain_timeout: float = 30.0
 
 
 LISTEN_ENV = "LISTEN"

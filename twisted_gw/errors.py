@@ -46,3 +46,12 @@ def bad_request(message: str, code: str = "invalid_request") -> GatewayError:
 
 def bad_gateway(message: str, code: str = "upstream_unreachable") -> GatewayError:
     return GatewayError(502, message, "upstream_error", code)
+
+
+def gateway_timeout(message: str, code: str) -> GatewayError:
+    return GatewayError(504, message, "upstream_error", code)
+
+
+def unavailable(message: str, code: str, retry_after: int | None = None) -> GatewayError:
+    headers = {b"Retry-After": str(retry_after).encode()} if retry_after else {}
+    return GatewayError(503, message, "server_error", code, headers)

@@ -33,6 +33,7 @@ def snapshot(admission: Admission, accounting: Accounting) -> dict[str, Any]:
             "tokens": totals.completion_tokens,
             "prompt_tokens": totals.prompt_tokens,
             "completion_tokens": totals.completion_tokens,
+            "cancelled": totals.cancelled,
         },
         "per_user_tokens": {
             name: user.completion_tokens for name, user in sorted(accounting.users.items())
@@ -42,6 +43,7 @@ def snapshot(admission: Admission, accounting: Accounting) -> dict[str, Any]:
                 "requests": user.requests,
                 "prompt_tokens": user.prompt_tokens,
                 "completion_tokens": user.completion_tokens,
+                "cancelled": user.cancelled,
             }
             for name, user in sorted(accounting.users.items())
         },

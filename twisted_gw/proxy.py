@@ -4,17 +4,20 @@ response as it arrives, then release the place and account for it.
 
 A client that leaves cancels the coroutine at whatever it awaits: the queue
 place (removed from the queue), the upstream's headers (connection aborted)
-or the body (connection stopped).  C{finally} releases and accounts either way.
+or the body (connection stopped).  Timeouts and shutdown use the same path
+through L{Exchange.interrupt}, with an error to report instead.  C{finally}
+releases and accounts in every case.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Optional
+import math
+from typing import Any, Optional, TypeVar
 
 import attrs
-from twisted.internet.defer import CancelledError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -23,19 +26,22 @@ from twisted.web.server import Request
 
 from twisted_gw import sse
 from twisted_gw.accounting import Accounting, RequestRecord
-from twisted_gw.admission import Admission, Ticket
+from twisted_gw.admission import Admission, QueueFull, QueueTimeout, ShuttingDown, Ticket
 from twisted_gw.checks import (
     GATEWAY_USER_HEADER,
     HOP_BY_HOP,
     REQUEST_DROP,
+    check_method,
     check_uri,
     forward_headers,
     inspect_body,
 )
-from twisted_gw.errors import GatewayError, bad_gateway, error_document
+from twisted_gw.errors import GatewayError, bad_gateway, error_document, gateway_timeout, unavailable
 from twisted_gw.upstream import Upstream, stream_body
 
 log = Logger(namespace="llmgw.access")
+
+T = TypeVar("T")
 
 # A JSON response is kept (besides being relayed) to read its usage, up to this size.
 MAX_USAGE_BODY = 8 * 1024 * 1024
@@ -49,32 +55,55 @@ SSE_HEADERS = (
 
 @attrs.define(eq=False)
 class Exchange:
-    """The state of one proxied request, for relaying and accounting."""
+    """The state of one proxied request, for relaying, interrupting and accounting."""
 
     request: Request
     user: str
     started: float
     stream: bool = False
+    event_stream: bool = False
     headers_sent: bool = False
     status: int = 0
     queue_wait: float = 0.0
     cancelled: bool = False
     tracker: sse.UsageTracker = attrs.Factory(sse.UsageTracker)
     keepalive: Optional[LoopingCall] = None
+    current: Optional[Deferred[Any]] = None
+    interrupted: Optional[GatewayError] = None
 
     def write(self, data: bytes) -> None:
         self.request.write(data)
 
-    def start_event_stream(self, status: int = 200) -> None:
-        """Send SSE response headers now (before the upstream answered)."""
-        self.request.setResponseCode(status)
+    def start_event_stream(self) -> None:
+        """Send 200 and SSE response headers now, before the upstream answered."""
+        self.request.setResponseCode(200)
         for name, value in SSE_HEADERS:
             self.request.setHeader(name, value)
         self.headers_sent = True
-        self.status = status
+        self.event_stream = True
+        self.status = 200
 
     def write_error_event(self, message: str, type: str, code: str) -> None:
         self.write(sse.data_event(error_document(message, type, code)))
+
+    async def wait(self, d: Deferred[T]) -> T:
+        """Await C{d}; L{interrupt} cancels it and raises its error here instead."""
+        self.current = d
+        try:
+            return await d
+        except CancelledError:
+            if self.interrupted is not None:
+                raise self.interrupted from None
+            raise
+        finally:
+            self.current = None
+
+    def interrupt(self, error: GatewayError) -> None:
+        """Stop whatever the request waits for (a timeout, a shutdown) and report C{error}."""
+        if self.interrupted is None:
+            self.interrupted = error
+            if self.current is not None:
+                self.current.cancel()
 
 
 @attrs.define
@@ -87,41 +116,75 @@ class Proxy:
     clock: IReactorTime
     queue_events: str = "comment"
     keepalive_interval: float = 15.0
+    upstream_timeout: float = 600.0
+    idle_timeout: float = 300.0
+    active: set[Exchange] = attrs.Factory(set)
+    _idle: list[Deferred[None]] = attrs.Factory(list)
 
     async def handle(self, request: Request, user: str) -> None:
-        ex = Exchange(request, user, self.clock.seconds())
+        check_method(request.method)
         uri = check_uri(request.uri)
         body = request.content.read() if request.content is not None else b""
         info = inspect_body(body, request.getHeader(b"content-type"))
-        ex.stream = info.stream
+        ex = Exchange(request, user, self.clock.seconds(), stream=info.stream)
         ticket: Optional[Ticket] = None
+        self.active.add(ex)
         try:
             if request.method == b"POST":
-                on_position = (lambda n: self._queued(ex, n)) if ex.stream else None
-                ticket = await self.admission.acquire(on_position)
-                self._stop_keepalive(ex)
-                ex.queue_wait = self.clock.seconds() - ex.started
-            headers = self._upstream_headers(request, user)
-            try:
-                response = await self.upstream.request(request.method, uri, headers, body or None)
-            except CancelledError:
-                raise
-            except Exception as e:
-                raise bad_gateway(f"The upstream could not be reached: {_reason(e)}") from None
-            await self._relay(ex, response)
+                ticket = await self._admit(ex)
+            await self._forward(ex, uri, body)
         except CancelledError:
             ex.cancelled = True
             raise
         except GatewayError as e:
-            if not ex.headers_sent:
-                ex.status = e.status
-                raise
-            ex.write_error_event(e.message, e.type, e.code or "error")
+            self._report(ex, e)
         finally:
             self._stop_keepalive(ex)
             if ticket is not None:
                 ticket.release()
+            self.active.discard(ex)
             self._account(ex, request)
+            if not self.active:
+                idle, self._idle = self._idle, []
+                for d in idle:
+                    d.callback(None)
+
+    def _report(self, ex: Exchange, e: GatewayError) -> None:
+        """An error after the checks: as the response if none was sent yet, else in the stream."""
+        if not ex.headers_sent:
+            ex.status = e.status
+            raise e
+        if ex.event_stream:
+            ex.write_error_event(e.message, e.type, e.code or "error")
+        else:
+            # A JSON body cut short cannot be mended: close, so the client sees
+            # a broken response rather than waiting for the rest.
+            ex.request.loseConnection()
+        log.warn("{user}: {error}", user=ex.user, error=e)
+
+    async def _admit(self, ex: Exchange) -> Ticket:
+        on_position = (lambda n: self._queued(ex, n)) if ex.stream else None
+        try:
+            ticket = await self.admission.acquire(on_position)
+        except QueueFull:
+            raise GatewayError(
+                429, "The queue is full; retry later.", "rate_limit_error", "queue_full",
+                {b"Retry-After": str(self._retry_after()).encode()},
+            ) from None
+        except QueueTimeout:
+            raise unavailable("Timed out waiting in the queue.", "queue_timeout", self._retry_after()) from None
+        except ShuttingDown:
+            raise unavailable("The gateway is shutting down.", "shutting_down", 5) from None
+        finally:
+            self._stop_keepalive(ex)
+        ex.queue_wait = self.clock.seconds() - ex.started
+        return ticket
+
+    def _retry_after(self) -> int:
+        """Seconds until a place is likely free: the queue ahead times the mean request time."""
+        per_request = self.accounting.average_response_time() or 10.0
+        ahead = self.admission.waiting + 1
+        return max(1, min(600, math.ceil(per_request * ahead / self.admission.limit)))
 
     def _queued(self, ex: Exchange, position: int) -> None:
         if not ex.headers_sent:
@@ -153,6 +216,24 @@ class Proxy:
         headers.setRawHeaders(GATEWAY_USER_HEADER, [user.encode("utf-8")])
         return headers
 
+    async def _forward(self, ex: Exchange, uri: bytes, body: bytes) -> None:
+        request = ex.request
+        headers = self._upstream_headers(request, ex.user)
+        timer = self.clock.callLater(
+            self.upstream_timeout, ex.interrupt,
+            gateway_timeout(f"The upstream sent no response within {self.upstream_timeout:g} s.", "upstream_timeout"),
+        )
+        try:
+            response = await ex.wait(self.upstream.request(request.method, uri, headers, body or None))
+        except (CancelledError, GatewayError):
+            raise
+        except Exception as e:
+            raise bad_gateway(f"The upstream could not be reached: {_reason(e)}") from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        await self._relay(ex, response)
+
     async def _relay(self, ex: Exchange, response: IResponse) -> None:
         request = ex.request
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
@@ -173,68 +254,93 @@ class Proxy:
                 for name, value in SSE_HEADERS[1:]:
                     request.setHeader(name, value)
             ex.headers_sent = True
+            ex.event_stream = event_stream
             ex.status = response.code
             # the headers go out now, as the upstream's did, not with the first chunk
             request.write(b"")
 
-        if event_stream:
-            parser = sse.SSEParser()
+        idle = self._idle_timer(ex)
+        kept: list[bytes] = []
+        size = 0
+        parser = sse.SSEParser()
 
-            def on_data(data: bytes) -> None:
-                request.write(data)
+        def on_data(data: bytes) -> None:
+            nonlocal size
+            idle.reset(self.idle_timeout)
+            request.write(data)
+            if event_stream:
                 for event in parser.feed(data):
                     ex.tracker.see_event(event)
-        else:
-            kept: list[bytes] = []
-            size = [0]
-
-            def on_data(data: bytes) -> None:
-                request.write(data)
-                if size[0] <= MAX_USAGE_BODY:
-                    size[0] += len(data)
-                    kept.append(data)
+            elif size <= MAX_USAGE_BODY:
+                size += len(data)
+                kept.append(data)
 
         relay = stream_body(response, on_data)
         request.registerProducer(relay.producer, True)
         try:
-            await relay.done
-        except CancelledError:
+            await ex.wait(relay.done)
+        except (CancelledError, GatewayError):
             raise
         except Exception as e:
-            if event_stream:
-                ex.write_error_event(
-                    f"The upstream connection broke mid-stream: {_reason(e)}", "upstream_error", "upstream_disconnected"
-                )
-            else:
-                # A JSON body cut short cannot be mended: close, so the client
-                # sees a broken response rather than waiting for the rest.
-                request.loseConnection()
-            log.warn("upstream body broke for {user}: {why}", user=ex.user, why=_reason(e))
+            raise GatewayError(
+                502, f"The upstream connection broke mid-response: {_reason(e)}", "upstream_error",
+                "upstream_disconnected",
+            ) from None
         finally:
+            if idle.active():
+                idle.cancel()
             if request.channel is not None:
                 request.unregisterProducer()
-        if not event_stream and size[0] <= MAX_USAGE_BODY:
+        if not event_stream and size <= MAX_USAGE_BODY:
             ex.tracker.see_body(b"".join(kept))
+
+    def _idle_timer(self, ex: Exchange) -> IDelayedCall:
+        return self.clock.callLater(
+            self.idle_timeout, ex.interrupt,
+            gateway_timeout(f"The upstream was silent for {self.idle_timeout:g} s.", "idle_timeout"),
+        )
 
     async def _relay_error_as_event(self, ex: Exchange, response: IResponse) -> None:
         chunks: list[bytes] = []
         relay = stream_body(response, chunks.append)
         try:
-            await relay.done
-        except CancelledError:
+            await ex.wait(relay.done)
+        except (CancelledError, GatewayError):
             raise
         except Exception:
             pass
         text = b"".join(chunks)[:65536].decode("utf-8", "replace")
         message = f"The upstream answered {response.code}"
         try:
-            doc = json.loads(text)
-            upstream_message = doc["error"]["message"]
+            upstream_message = json.loads(text)["error"]["message"]
             message = f"{message}: {upstream_message}"
         except (ValueError, KeyError, TypeError):
             if text.strip():
                 message = f"{message}: {text.strip()[:500]}"
         ex.write_error_event(message, "upstream_error", f"upstream_{response.code}")
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Shut down gracefully: refuse the queue, let running requests finish for
+        up to C{timeout} seconds, then interrupt those still running.
+        """
+        self.admission.close()
+        if not self.active:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._idle.append(done)
+
+        def cut_off() -> None:
+            for ex in list(self.active):
+                ex.interrupt(unavailable("The gateway is shutting down.", "shutting_down", 5))
+
+        timer = self.clock.callLater(timeout, cut_off)
+
+        def finished(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return done.addCallback(finished)
 
     def _account(self, ex: Exchange, request: Request) -> None:
         usage = ex.tracker.usage
@@ -250,11 +356,12 @@ class Proxy:
         ))
         log.info(
             "{method} {path} {status} user={user} wait={queue_wait:.3f}s time={duration:.3f}s "
-            "tokens={prompt_tokens}+{completion_tokens}{cancelled_note}",
+            "tokens={prompt_tokens}+{completion_tokens}{note}",
             method=method, path=path, status=status, user=ex.user, queue_wait=ex.queue_wait,
             duration=duration, prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens, cancelled=ex.cancelled,
-            cancelled_note=" (cancelled)" if ex.cancelled else "",
+            usage_source=usage.source,
+            note=(" (cancelled)" if ex.cancelled else "") + (" (estimated)" if usage.source == "estimate" else ""),
         )
 
 

@@ -26,19 +26,20 @@ class Gateway(Service):
         self.config = config
         self.reactor = reactor
         self.users = UsersFile(config.users_file, reactor, config.users_poll_interval)
-        self.admission = Admission(config.max_concurrent)
+        self.admission = Admission(config.max_concurrent, reactor, config.max_queue, config.queue_timeout)
         self.accounting = Accounting(reactor)
         self.upstream = Upstream(reactor, config.upstream, max_connections=config.max_concurrent + 8)
         self.proxy = Proxy(
             self.upstream, self.admission, self.accounting, reactor,
             queue_events=config.queue_events, keepalive_interval=config.keepalive_interval,
+            upstream_timeout=config.upstream_timeout, idle_timeout=config.idle_timeout,
         )
         self.app = GatewayApp(
             self.proxy,
             lambda key: self.users.current.lookup(key),
             lambda: snapshot(self.admission, self.accounting),
         )
-        self.site = GatewaySite(self.app.resource())
+        self.site = GatewaySite(self.app.resource(), max_body=config.max_body)
 
     def startService(self) -> None:
         super().startService()
@@ -46,9 +47,15 @@ class Gateway(Service):
         self.users.start()
 
     def stopService(self) -> Deferred[None]:
+        """
+        Drain: the listeners have already stopped (they are stopped first); the
+        queue is answered 503, running requests get C{drain_timeout} seconds.
+        """
         super().stopService()
         self.users.stop()
-        return self.upstream.close()
+        d = self.proxy.drain(self.config.drain_timeout)
+        d.addCallback(lambda _: self.upstream.close())
+        return d
 
 
 def makeService(config: Config, reactor: Any = None) -> MultiService:

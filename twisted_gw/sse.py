@@ -6,6 +6,7 @@ comment and event encoders, and token usage read from what the upstream sent.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Optional
 
 import attrs
@@ -74,7 +75,7 @@ class Usage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    source: str = "none"  # "usage", "timings", or "none"
+    source: str = "none"  # "usage", "timings", "estimate" or "none"
 
 
 def _int(value: Any) -> int:
@@ -102,12 +103,22 @@ def usage_from_object(obj: Any) -> Optional[Usage]:
     return None
 
 
+# A chunk that carries generated text: a string "content" (chat) or "text" (completions).
+_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"')
+
+
 class UsageTracker:
-    """Watches a response (stream events or a JSON body) for its token usage."""
+    """
+    Watches a response (stream events or a JSON body) for its token usage:
+    C{usage} first, then llama.cpp's C{timings}, and for a stream cut short
+    before either, the number of content chunks relayed (llama.cpp sends one
+    token a chunk), flagged as an estimate.
+    """
 
     def __init__(self) -> None:
         self._from_usage: Optional[Usage] = None
         self._from_timings: Optional[Usage] = None
+        self.content_chunks = 0
 
     def see_object(self, obj: Any) -> None:
         found = usage_from_object(obj)
@@ -124,6 +135,8 @@ class UsageTracker:
                 self._from_timings = timings
 
     def see_event(self, data: bytes) -> None:
+        if _CONTENT.search(data):
+            self.content_chunks += 1
         # Parsing JSON costs more than relaying: only the chunks that can carry
         # numbers are parsed (llama.cpp puts them on the last one or two).
         if b'"usage"' not in data and b'"timings"' not in data:
@@ -141,4 +154,8 @@ class UsageTracker:
 
     @property
     def usage(self) -> Usage:
-        return self._from_usage or self._from_timings or Usage()
+        if self._from_usage or self._from_timings:
+            return self._from_usage or self._from_timings  # type: ignore[return-value]
+        if self.content_chunks:
+            return Usage(0, self.content_chunks, "estimate")
+        return Usage()

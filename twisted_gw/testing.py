@@ -65,8 +65,9 @@ class FakeLlama:
     A llama.cpp-like server.  Knobs: C{reply} (the tokens generated),
     C{chunk_delay} (seconds between tokens), C{header_delay} (seconds before the
     response starts), C{cache_n} (prompt tokens reported as cached), C{loading}
-    (C{/health} answers 503), and C{manual}: each token then waits for
-    L{release} to be called.
+    (C{/health} answers 503), C{die_after} (the connection is dropped after
+    that many tokens, like a crashed server), and C{manual}: each token then
+    waits for L{release} to be called.
     """
 
     reactor: Any
@@ -76,6 +77,7 @@ class FakeLlama:
     cache_n: int = 0
     loading: bool = False
     manual: bool = False
+    die_after: Optional[int] = None
     requests: list[Recorded] = attrs.Factory(list)
     _permits: list[Deferred[None]] = attrs.Factory(list)
     _released: int = 0
@@ -253,6 +255,9 @@ class _Generation:
 
     def _emit(self) -> None:
         if self.gone:
+            return
+        if self.fake.die_after is not None and self.index >= self.fake.die_after:
+            self.request.channel.transport.abortConnection()  # type: ignore[union-attr]
             return
         token = self.tokens[self.index]
         self.index += 1

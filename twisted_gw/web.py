@@ -112,10 +112,53 @@ class GatewayApp:
 
 
 class GatewayRequest(server.Request):
-    """Keeps request bodies in memory (never a temporary file on the reactor thread)."""
+    """
+    Keeps request bodies in memory (never a temporary file on the reactor
+    thread), and refuses one larger than the site's C{max_body} with 413 as soon
+    as that is known: from C{Content-Length} before any of the body is read, or
+    when a chunked body grows past it.
+    """
+
+    _refused = False
+    _received = 0
+
+    def _max_body(self) -> int:
+        return int(getattr(getattr(self.channel, "site", None), "max_body", DEFAULT_MAX_BODY))
 
     def gotLength(self, length: Optional[int]) -> None:
         self.content = BytesIO()
+        if length is not None and length > self._max_body():
+            self._refuse()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self._max_body():
+            self.content = BytesIO()
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        body = error_json(
+            f"The request body is larger than the gateway's limit of {self._max_body()} bytes.",
+            "invalid_request_error", "request_too_large",
+        )
+        assert self.channel is not None and self.channel.transport is not None
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.channel.transport.loseConnection()
+
+
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
 
 
 class GatewaySite(server.Site):
@@ -123,8 +166,9 @@ class GatewaySite(server.Site):
 
     noisy = False
 
-    def __init__(self, resource: Any) -> None:
+    def __init__(self, resource: Any, max_body: int = DEFAULT_MAX_BODY) -> None:
         super().__init__(resource, requestFactory=GatewayRequest)
+        self.max_body = max_body
 
     def log(self, request: http.Request) -> None:
         pass
