@@ -147,6 +147,11 @@ class GatewayTestCase(unittest.TestCase):
         return await reply.json()
 
 
+def content_needle(token: str) -> bytes:
+    """Bytes found only in the chunk that carries C{token}."""
+    return b'"content":' + json.dumps(token).encode()
+
+
 def sse_data(body: bytes) -> list[bytes]:
     """The C{data:} payloads of an event stream, in order."""
     return [line[len(b"data: "):] for line in body.split(b"\n") if line.startswith(b"data: ")]

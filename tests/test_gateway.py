@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from support import ALICE, BOB, GatewayTestCase, chat_body, reactor, sse_data
+from support import ALICE, BOB, GatewayTestCase, chat_body, content_needle, reactor, sse_data
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 
@@ -165,8 +165,9 @@ class StreamingTests(GatewayTestCase):
         upstream = self.fake.requests[-1]
         for n, token in enumerate(self.fake.reply, start=1):
             self.fake.release()
-            await reply.body.wait_for(json.dumps(token).encode())
+            await reply.body.wait_for(content_needle(token))
             # the client has chunk n while the upstream has made only n chunks
+            self.assertEqual(len(sse_data(reply.body.data)), n)
             self.assertEqual(upstream.chunks_sent, n)
         body = await reply.text()
         self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
@@ -299,7 +300,7 @@ class CancellationTests(GatewayTestCase):
         reply = await self.chat(stream=True)
         upstream = self.fake.requests[-1]
         self.fake.release(3)
-        await reply.body.wait_for(b"this")
+        await reply.body.wait_for(content_needle(" this"))
         reply.body.abort()
         await upstream.ended
         self.assertTrue(upstream.disconnected)

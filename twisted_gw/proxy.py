@@ -91,12 +91,20 @@ class Exchange:
         self.current = d
         try:
             return await d
-        except CancelledError:
+        except Exception as e:
             if self.interrupted is not None:
                 raise self.interrupted from None
+            # Cancelling a connect surfaces as a DNS or connect error, a
+            # cancelled request as ResponseNeverReceived: ask the client side.
+            if self.client_gone or _is_cancellation(e):
+                raise CancelledError() from None
             raise
         finally:
             self.current = None
+
+    @property
+    def client_gone(self) -> bool:
+        return bool(getattr(self.request, "_disconnected", False)) or self.request.channel is None
 
     def interrupt(self, error: GatewayError) -> None:
         """Stop whatever the request waits for (a timeout, a shutdown) and report C{error}."""
@@ -363,6 +371,14 @@ class Proxy:
             usage_source=usage.source,
             note=(" (cancelled)" if ex.cancelled else "") + (" (estimated)" if usage.source == "estimate" else ""),
         )
+
+
+def _is_cancellation(e: BaseException) -> bool:
+    """A cancelled Deferred, possibly wrapped by the HTTP client (ResponseNeverReceived)."""
+    if isinstance(e, CancelledError):
+        return True
+    reasons = getattr(e, "reasons", None) or ()
+    return any(getattr(r, "check", lambda *_: False)(CancelledError) for r in reasons)
 
 
 def _reason(e: BaseException) -> str:

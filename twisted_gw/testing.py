@@ -192,7 +192,7 @@ class _FakeResource(resource.Resource):
                 return self._json(request, status, _error(status, "fake failure", "server_error"))
             chat = path == b"/v1/chat/completions"
             generation = _Generation(fake, request, rec, doc, chat)
-            fake.reactor.callLater(fake.header_delay, generation.begin)
+            generation.later(fake.header_delay, generation.begin)
             return server.NOT_DONE_YET
         return self._json(request, 404, _error(404, "File Not Found", "not_found_error"))
 
@@ -227,10 +227,16 @@ class _Generation:
         self.created = int(time.time())
         self.index = 0
         self.gone = False
+        self.pending: Optional[Any] = None
         rec.ended.addCallback(self._client_gone)
+
+    def later(self, delay: float, f: Any) -> None:
+        self.pending = self.fake.reactor.callLater(delay, f)
 
     def _client_gone(self, _: object) -> None:
         self.gone = not self.rec.completed
+        if self.gone and self.pending is not None and self.pending.active():
+            self.pending.cancel()
 
     def begin(self) -> None:
         if self.gone:
@@ -270,7 +276,7 @@ class _Generation:
             else:
                 self._event(self._chunk([{"text": token, "index": 0, "logprobs": None, "finish_reason": None}]))
             self.rec.chunks_sent += 1
-        self.fake.reactor.callLater(self.fake.chunk_delay, self._next)
+        self.later(self.fake.chunk_delay, self._next)
 
     def _chunk(self, choices: list[Any], **extra: Any) -> dict[str, Any]:
         return {

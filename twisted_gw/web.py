@@ -161,10 +161,27 @@ class GatewayRequest(server.Request):
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 
 
+class GatewayChannel(http.HTTPChannel):
+    """HTTP/1.1 channel that answers an over-long request or header line with 431, not silence."""
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        body = error_json(
+            f"A request header line is longer than {self.MAX_LENGTH} bytes.",
+            "invalid_request_error", "headers_too_large",
+        )
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.loseConnection()
+
+
 class GatewaySite(server.Site):
     """A site without Twisted's combined access log: the proxy logs each request itself."""
 
     noisy = False
+    protocol = GatewayChannel  # type: ignore[assignment]  # HTTP/1.1 only, no HTTP/2 wrapper
 
     def __init__(self, resource: Any, max_body: int = DEFAULT_MAX_BODY) -> None:
         super().__init__(resource, requestFactory=GatewayRequest)
