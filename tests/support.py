@@ -37,14 +37,20 @@ class Collector(Protocol):
     """Collects a response body; C{wait_for(b"...")} fires once those bytes arrived."""
 
     def __init__(self) -> None:
-        self.data = b""
         self.chunks: list[bytes] = []
         self.done: Deferred[bytes] = Deferred()
         self._waits: list[tuple[bytes, Deferred[bytes]]] = []
 
+    @property
+    def data(self) -> bytes:
+        if len(self.chunks) > 1:
+            self.chunks = [b"".join(self.chunks)]
+        return self.chunks[0] if self.chunks else b""
+
     def dataReceived(self, data: bytes) -> None:
-        self.data += data
         self.chunks.append(data)
+        if not self._waits:
+            return
         still = []
         for needle, d in self._waits:
             if needle in self.data:

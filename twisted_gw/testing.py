@@ -44,6 +44,7 @@ class Recorded:
     disconnected: bool = False
     completed: bool = False
     chunks_sent: int = 0
+    bytes_sent: int = 0
     events: list[bytes] = attrs.Factory(list)
     ended: Deferred[None] = attrs.Factory(Deferred)
 
@@ -288,7 +289,9 @@ class _Generation:
 
     def _event(self, obj: Any) -> None:
         data = json.dumps(obj, separators=(",", ":")).encode()
-        self.rec.events.append(data)
+        if len(self.rec.events) < 1000:
+            self.rec.events.append(data)
+        self.rec.bytes_sent += len(data) + 8
         self.request.write(b"data: " + data + b"\n\n")
 
     def _finish(self) -> None:

@@ -14,13 +14,22 @@ the upstream generating.  L{BodyRelay} stops the upstream connection instead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer, IReactorTCP
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
@@ -57,16 +66,40 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # no log line for every pooled connection opened and closed
 
 
+class _Pool(HTTPConnectionPool):
+    """A pool that remembers whether the last connection it handed out was a reused one."""
+
+    reused = False
+
+    def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
+        self.reused = bool(self._connections.get(key))
+        return super().getConnection(key, endpoint)
+
+
+def _stale_connection(e: Exception) -> bool:
+    """
+    The signature of twisted #7843: a kept-alive connection that the upstream
+    closed as idle just as the request went out.  The request was not
+    processed: nothing came back, the connection was closed cleanly or lost.
+    """
+    if isinstance(e, (RequestNotSent, RequestTransmissionFailed)):
+        return True
+    if isinstance(e, ResponseNeverReceived):
+        return all(r.check(ConnectionDone, ConnectionLost) for r in e.reasons)
+    return False
+
+
 class Upstream:
     """Requests to one upstream base URL over a shared connection pool."""
 
     def __init__(self, reactor: IReactorTCP, base_url: str, max_connections: int = 8) -> None:
         self.base_url = base_url.rstrip("/")
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = _Pool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections
         self.pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
         self.pool._factory = _QuietClientFactory
         self.agent = Agent(reactor, pool=self.pool)
+        self.retries = 0
 
     def url(self, uri: bytes) -> bytes:
         """The upstream URL for a gateway request URI (path and query, kept as sent)."""
@@ -75,9 +108,25 @@ class Upstream:
     def request(
         self, method: bytes, uri: bytes, headers: Headers, body: Optional[bytes]
     ) -> Deferred[IResponse]:
-        """Send a request; fires with the response once its headers arrived. Cancellable."""
-        producer = BytesProducer(body) if body else None
-        return self.agent.request(method, self.url(uri), headers, producer)
+        """
+        Send a request; fires with the response once its headers arrived.
+        Cancellable.  A request that failed on a reused keep-alive connection
+        without any answer is sent once more on a new one: POSTs included,
+        which Twisted's pool never retries itself.
+        """
+        return Deferred.fromCoroutine(self._request(method, uri, headers, body))
+
+    async def _request(self, method: bytes, uri: bytes, headers: Headers, body: Optional[bytes]) -> IResponse:
+        url = self.url(uri)
+        d = self.agent.request(method, url, headers, BytesProducer(body) if body else None)
+        reused = self.pool.reused
+        try:
+            return await d
+        except Exception as e:
+            if not (reused and _stale_connection(e)):
+                raise
+        self.retries += 1
+        return await self.agent.request(method, url, headers, BytesProducer(body) if body else None)
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
