@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import sys
 from typing import Any, Optional
 
 import attrs
@@ -21,6 +24,16 @@ from twisted_gw.testing import FakeLlama, RunningGateway, start_gateway
 from twisted_gw.upstream import BytesProducer
 
 reactor: Any = _reactor
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for a subprocess that must be told its port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
 
 KEYS = {"sk-alice-key": "alice", "sk-bob-key": "bob"}
 ALICE = "sk-alice-key"

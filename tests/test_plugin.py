@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 
-from support import ALICE, GatewayTestCase, chat_body, reactor
+from support import ALICE, TWISTD, GatewayTestCase, chat_body, free_port, reactor
 from twisted.internet import error, task
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from twisted_gw.testing import FakeLlama
-
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def twistd(*args: str, env: dict[str, str] | None = None, cwd: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -7,8 +7,7 @@ import os
 import signal
 import subprocess
 
-from support import ALICE, BOB, GatewayTestCase, chat_body, content_needle, reactor, sse_data
-from test_plugin import TWISTD, free_port
+from support import ALICE, BOB, TWISTD, GatewayTestCase, chat_body, content_needle, free_port, reactor, sse_data
 from twisted.internet import error, task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -86,7 +85,7 @@ class SigtermTests(GatewayTestCase):
              "--upstream", self.fake.url, "--drain-timeout", "20"],
             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(proc.kill)
         url = f"http://127.0.0.1:{port}"
         for _ in range(200):
             try:
