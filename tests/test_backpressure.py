@@ -26,7 +26,7 @@ class BackpressureTests(GatewayTestCase):
         await self.start(fake=fake, max_concurrent=2)
         slow = await self.chat(stream=True)
         slow.body.transport.pauseProducing()  # type: ignore[union-attr]  # stop reading
-        slow_upstream = self.fake.requests[-1]
+        slow_upstream = self.fake.generations[-1]
         (ex,) = self.gw.gateway.proxy.active
         client_side = ex.request.channel.transport
         worst = 0

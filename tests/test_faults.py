@@ -46,7 +46,7 @@ class CancellationPhaseTests(GatewayTestCase):
     async def test_tokens_relayed_before_leaving_are_billed_as_estimate(self) -> None:
         await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1)
         reply = await self.chat(stream=True)
-        upstream = self.fake.requests[-1]
+        upstream = self.fake.generations[-1]
         self.fake.release(3)
         await reply.body.wait_for(content_needle(" this"))
         reply.body.abort()
@@ -69,7 +69,7 @@ class CancellationPhaseTests(GatewayTestCase):
         await first.text()
         await third.text()
         await settle()
-        self.assertEqual(len(self.fake.requests), 2)
+        self.assertEqual(len(self.fake.generations), 2)
         metrics = await self.metrics()
         self.assertEqual(metrics["users"]["alice"]["cancelled"], 1)
         self.assertEqual(metrics["users"]["alice"]["completion_tokens"], len(self.fake.reply))
@@ -116,7 +116,7 @@ class CancellationPhaseTests(GatewayTestCase):
         self.assertEqual(metrics["queue"]["active"], 0)
         self.assertEqual(metrics["queue"]["waiting"], 0)
         self.assertEqual(self.gw.gateway.admission.free, 2)
-        self.assertGreater(metrics["totals"]["cancelled"], 0, (metrics, len(self.fake.requests), len(finished)))
+        self.assertGreater(metrics["totals"]["cancelled"], 0, (metrics, len(self.fake.generations), len(finished)))
         self.assertEqual(self.gw.gateway.proxy.active, set())
         # every upstream request was either completed or seen to disconnect
         await settle(0.2)
@@ -160,7 +160,7 @@ class LimitTests(GatewayTestCase):
         self.assertIn("Timed out waiting in the queue", str(caught.exception))
         self.fake.release(len(self.fake.reply))
         await first.text()
-        self.assertEqual(len(self.fake.requests), 1)
+        self.assertEqual(len(self.fake.generations), 1)
 
     async def test_queue_timeout_non_streaming_is_a_503(self) -> None:
         await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1, queue_timeout=30)
@@ -197,7 +197,7 @@ class LimitTests(GatewayTestCase):
         clock = task.Clock()
         self.gw.gateway.proxy.clock = clock
         reply = await self.chat(stream=True)
-        upstream = self.fake.requests[-1]
+        upstream = self.fake.generations[-1]
         self.fake.release(2)
         await reply.body.wait_for(content_needle(","))
         clock.advance(60)
@@ -245,7 +245,7 @@ class LimitTests(GatewayTestCase):
         ok = await self.chat(stream=False)
         self.assertEqual(ok.code, 200)
         await ok.text()
-        self.assertEqual(len(self.fake.requests), 1)
+        self.assertEqual(len(self.fake.generations), 1)
 
 
 class UpstreamFailureTests(GatewayTestCase):

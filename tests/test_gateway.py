@@ -162,7 +162,7 @@ class StreamingTests(GatewayTestCase):
         self.assertEqual(reply.header("Content-Type"), b"text/event-stream")
         self.assertEqual(reply.header("Cache-Control"), b"no-cache")
         self.assertEqual(reply.header("X-Accel-Buffering"), b"no")
-        upstream = self.fake.requests[-1]
+        upstream = self.fake.generations[-1]
         for n, token in enumerate(self.fake.reply, start=1):
             self.fake.release()
             await reply.body.wait_for(content_needle(token))
@@ -221,7 +221,7 @@ class QueueTests(GatewayTestCase):
         await third.body.wait_for(b": queue position=2\n\n")
         metrics = await self.metrics()
         self.assertEqual(metrics["queue"], {"waiting": 2, "active": 1, "depth": 3, "max_concurrent": 1})
-        self.assertEqual(len(self.fake.requests), 1)
+        self.assertEqual(len(self.fake.generations), 1)
         # GET requests never wait behind generations
         models = await self.call("GET", "/v1/models")
         self.assertEqual(models.code, 200)
@@ -298,7 +298,7 @@ class CancellationTests(GatewayTestCase):
     async def test_client_leaving_mid_stream_closes_the_upstream(self) -> None:
         await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1)
         reply = await self.chat(stream=True)
-        upstream = self.fake.requests[-1]
+        upstream = self.fake.generations[-1]
         self.fake.release(3)
         await reply.body.wait_for(content_needle(" this"))
         reply.body.abort()
@@ -320,5 +320,5 @@ class CancellationTests(GatewayTestCase):
         self.fake.release(len(self.fake.reply))
         await first.text()
         await settle()
-        self.assertEqual(len(self.fake.requests), 1)
+        self.assertEqual(len(self.fake.generations), 1)
         self.assertEqual((await self.metrics())["queue"], {"waiting": 0, "active": 0, "depth": 0, "max_concurrent": 1})

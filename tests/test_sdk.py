@@ -28,7 +28,7 @@ class SDKTests(GatewayTestCase):
             lambda: client.chat.completions.create(model="fake-llama", messages=MESSAGES)
         )
         self.assertEqual(result.choices[0].message.content, "Hello, this is a fake llama.")
-        self.assertEqual(self.fake.requests[-1].headers.getRawHeaders(b"x-gateway-user"), [b"alice"])
+        self.assertEqual(self.fake.generations[-1].headers.getRawHeaders(b"x-gateway-user"), [b"alice"])
         metrics = await self.metrics()
         assert result.usage is not None
         self.assertEqual(metrics["users"]["alice"]["completion_tokens"], result.usage.completion_tokens)
@@ -42,7 +42,7 @@ class SDKTests(GatewayTestCase):
             return [chunk.to_dict() for chunk in stream]
 
         chunks = await deferToThread(run)
-        expected = [json.loads(e) for e in self.fake.requests[-1].events]
+        expected = [json.loads(e) for e in self.fake.generations[-1].events]
         self.assertEqual(chunks, expected)
 
     async def test_queued_stream_yields_exactly_the_upstream_chunks(self) -> None:
@@ -60,8 +60,8 @@ class SDKTests(GatewayTestCase):
         self.fake.release(2 * len(self.fake.reply))
         chunks = await queued
         await first.text()
-        expected = [json.loads(e) for e in self.fake.requests[-1].events]
-        self.assertEqual(len(self.fake.requests), 2)
+        expected = [json.loads(e) for e in self.fake.generations[-1].events]
+        self.assertEqual(len(self.fake.generations), 2)
         self.assertEqual(chunks, expected)
         self.assertEqual(len(chunks), len(self.fake.reply) + 1)
 

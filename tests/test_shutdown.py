@@ -40,7 +40,7 @@ class DrainTests(GatewayTestCase):
         await stopped
         metrics = await self.metrics()
         self.assertEqual(metrics["users"]["alice"]["completion_tokens"], len(self.fake.reply))
-        self.assertEqual(len(self.fake.requests), 1)
+        self.assertEqual(len(self.fake.generations), 1)
         # nothing more is admitted
         late = await self.chat(stream=False)
         self.assertEqual(late.code, 503)
@@ -51,7 +51,7 @@ class DrainTests(GatewayTestCase):
         clock = task.Clock()
         self.gw.gateway.proxy.clock = clock
         running = await self.chat(stream=True)
-        upstream = self.fake.requests[-1]
+        upstream = self.fake.generations[-1]
         self.fake.release(2)
         await running.body.wait_for(content_needle(","))
         stopped = self.gw.gateway.stopService()

@@ -51,7 +51,7 @@ class StaleConnectionTests(GatewayTestCase):
         factory.drop_reused = drop_reused  # type: ignore[attr-defined]
         port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         self.addCleanup(port.stopListening)
-        await self.start(upstream=f"http://127.0.0.1:{port.getHost().port}")
+        await self.start(upstream=f"http://127.0.0.1:{port.getHost().port}", assemble_non_stream="never")
         return factory
 
     async def test_post_on_a_dropped_keepalive_connection_is_retried_once(self) -> None:

@@ -65,6 +65,12 @@ def _queue_events(text: str) -> str:
     return text
 
 
+def _assemble_mode(text: str) -> str:
+    if text not in ("auto", "always", "never"):
+        raise ConfigError(f"assemble-non-stream must be 'auto', 'always' or 'never', not {text!r}")
+    return text
+
+
 def _listen_list(text: str) -> tuple[str, ...]:
     items = tuple(item for item in text.replace(",", " ").split() if item)
     if not items:
@@ -120,6 +126,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("drain-timeout", "DRAIN_TIMEOUT", "30",
             "On shutdown, seconds running requests may take to finish before they are closed.",
             _positive_float("drain-timeout"), "drain_timeout"),
+    Setting("assemble-non-stream", "ASSEMBLE_NON_STREAM", "auto",
+            "Send non-streaming chat/completions upstream as streams and build the JSON answer here, "
+            "so that a client leaving stops the generation at once: 'auto' (when the upstream is "
+            "llama.cpp, seen from its /props), 'always' or 'never'.",
+            _assemble_mode, "assemble_non_stream"),
     Setting("users-poll-interval", "USERS_POLL_INTERVAL", "2",
             "Seconds between checks of the users file for changes.",
             _positive_float("users-poll-interval"), "users_poll_interval"),
@@ -143,6 +154,7 @@ class Config:
     idle_timeout: float = 300.0
     max_body: int = 16 * 1024 * 1024
     drain_timeout: float = 30.0
+    assemble_non_stream: str = "auto"
 
 
 LISTEN_ENV = "LISTEN"

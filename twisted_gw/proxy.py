@@ -27,10 +27,12 @@ from twisted.web.server import Request
 from twisted_gw import sse
 from twisted_gw.accounting import Accounting, RequestRecord
 from twisted_gw.admission import Admission, QueueFull, QueueTimeout, ShuttingDown, Ticket
+from twisted_gw.assemble import ASSEMBLED_PATHS, Assembler, as_stream_request
 from twisted_gw.checks import (
     GATEWAY_USER_HEADER,
     HOP_BY_HOP,
     REQUEST_DROP,
+    BodyInfo,
     check_method,
     check_uri,
     forward_headers,
@@ -126,6 +128,7 @@ class Proxy:
     keepalive_interval: float = 15.0
     upstream_timeout: float = 600.0
     idle_timeout: float = 300.0
+    assemble_non_stream: str = "auto"
     active: set[Exchange] = attrs.Factory(set)
     _idle: list[Deferred[None]] = attrs.Factory(list)
 
@@ -140,7 +143,7 @@ class Proxy:
         try:
             if request.method == b"POST":
                 ticket = await self._admit(ex)
-            await self._forward(ex, uri, body)
+            await self._forward(ex, uri, body, info)
         except CancelledError:
             ex.cancelled = True
             raise
@@ -224,9 +227,29 @@ class Proxy:
         headers.setRawHeaders(GATEWAY_USER_HEADER, [user.encode("utf-8")])
         return headers
 
-    async def _forward(self, ex: Exchange, uri: bytes, body: bytes) -> None:
+    async def _assembly_for(self, ex: Exchange, uri: bytes, info: BodyInfo) -> Optional[Assembler]:
+        """An assembler if this non-streaming generation is to be sent upstream as a stream."""
+        path = uri.partition(b"?")[0]
+        if (
+            ex.request.method != b"POST"
+            or info.stream
+            or path not in ASSEMBLED_PATHS
+            or not isinstance(info.document, dict)
+            or self.assemble_non_stream == "never"
+        ):
+            return None
+        if self.assemble_non_stream == "auto" and not await ex.wait(
+            Deferred.fromCoroutine(self.upstream.is_llamacpp())
+        ):
+            return None
+        return Assembler(chat=ASSEMBLED_PATHS[path])
+
+    async def _forward(self, ex: Exchange, uri: bytes, body: bytes, info: BodyInfo) -> None:
         request = ex.request
         headers = self._upstream_headers(request, ex.user)
+        assembler = await self._assembly_for(ex, uri, info)
+        if assembler is not None:
+            body = as_stream_request(info.document)
         timer = self.clock.callLater(
             self.upstream_timeout, ex.interrupt,
             gateway_timeout(f"The upstream sent no response within {self.upstream_timeout:g} s.", "upstream_timeout"),
@@ -240,51 +263,35 @@ class Proxy:
         finally:
             if timer.active():
                 timer.cancel()
-        await self._relay(ex, response)
+        if assembler is not None and response.code == 200 and _is_event_stream(response):
+            await self._assemble(ex, response, assembler)
+        else:
+            await self._relay(ex, response)
 
-    async def _relay(self, ex: Exchange, response: IResponse) -> None:
+    def _copy_response_headers(self, ex: Exchange, response: IResponse, status: int,
+                               drop: frozenset[bytes] = HOP_BY_HOP) -> None:
         request = ex.request
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        event_stream = content_type.lower().startswith(b"text/event-stream")
-        if ex.headers_sent and response.code >= 400:
-            # We promised a 200 event stream while queued; say it in the stream.
-            await self._relay_error_as_event(ex, response)
-            return
-        if not ex.headers_sent:
-            request.setResponseCode(response.code, response.phrase)
-            for name, values in forward_headers(
-                response.headers.getAllRawHeaders(),
-                response.headers.getRawHeaders(b"connection", []),
-                HOP_BY_HOP,
-            ):
-                request.responseHeaders.setRawHeaders(name, values)
-            if event_stream:
-                for name, value in SSE_HEADERS[1:]:
-                    request.setHeader(name, value)
-            ex.headers_sent = True
-            ex.event_stream = event_stream
-            ex.status = response.code
-            # the headers go out now, as the upstream's did, not with the first chunk
-            request.write(b"")
+        request.setResponseCode(status, response.phrase if status == response.code else None)
+        for name, values in forward_headers(
+            response.headers.getAllRawHeaders(),
+            response.headers.getRawHeaders(b"connection", []),
+            drop,
+        ):
+            request.responseHeaders.setRawHeaders(name, values)
+        ex.headers_sent = True
+        ex.status = status
 
+    async def _receive(self, ex: Exchange, response: IResponse, on_data: Any, producer: bool) -> None:
+        """Deliver the upstream body to C{on_data}, under the idle timeout; cancellable."""
         idle = self._idle_timer(ex)
-        kept: list[bytes] = []
-        size = 0
-        parser = sse.SSEParser()
 
-        def on_data(data: bytes) -> None:
-            nonlocal size
+        def received(data: bytes) -> None:
             idle.reset(self.idle_timeout)
-            request.write(data)
-            if event_stream:
-                for event in parser.feed(data):
-                    ex.tracker.see_event(event)
-            elif size <= MAX_USAGE_BODY:
-                size += len(data)
-                kept.append(data)
+            on_data(data)
 
-        relay = stream_body(response, on_data)
-        request.registerProducer(relay.producer, True)
+        relay = stream_body(response, received)
+        if producer:
+            ex.request.registerProducer(relay.producer, True)
         try:
             await ex.wait(relay.done)
         except (CancelledError, GatewayError):
@@ -297,8 +304,64 @@ class Proxy:
         finally:
             if idle.active():
                 idle.cancel()
-            if request.channel is not None:
-                request.unregisterProducer()
+            if producer and ex.request.channel is not None:
+                ex.request.unregisterProducer()
+
+    async def _assemble(self, ex: Exchange, response: IResponse, assembler: Assembler) -> None:
+        """Read the upstream's stream whole, then answer with the JSON it stands for."""
+        parser = sse.SSEParser()
+
+        def on_data(data: bytes) -> None:
+            for event in parser.feed(data):
+                ex.tracker.see_event(event)
+                if event != b"[DONE]":
+                    try:
+                        assembler.feed(json.loads(event))
+                    except ValueError:
+                        pass
+
+        await self._receive(ex, response, on_data, producer=False)
+        body = assembler.body()
+        status = 200
+        if assembler.error is not None:
+            code = assembler.error.get("code")
+            status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+        self._copy_response_headers(ex, response, status, ASSEMBLED_DROP)
+        ex.request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        ex.request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+        ex.request.write(body)
+
+    async def _relay(self, ex: Exchange, response: IResponse) -> None:
+        request = ex.request
+        event_stream = _is_event_stream(response)
+        if ex.headers_sent and response.code >= 400:
+            # We promised a 200 event stream while queued; say it in the stream.
+            await self._relay_error_as_event(ex, response)
+            return
+        if not ex.headers_sent:
+            self._copy_response_headers(ex, response, response.code)
+            if event_stream:
+                for name, value in SSE_HEADERS[1:]:
+                    request.setHeader(name, value)
+            ex.event_stream = event_stream
+            # the headers go out now, as the upstream's did, not with the first chunk
+            request.write(b"")
+
+        kept: list[bytes] = []
+        size = 0
+        parser = sse.SSEParser()
+
+        def on_data(data: bytes) -> None:
+            nonlocal size
+            request.write(data)
+            if event_stream:
+                for event in parser.feed(data):
+                    ex.tracker.see_event(event)
+            elif size <= MAX_USAGE_BODY:
+                size += len(data)
+                kept.append(data)
+
+        await self._receive(ex, response, on_data, producer=True)
         if not event_stream and size <= MAX_USAGE_BODY:
             ex.tracker.see_body(b"".join(kept))
 
@@ -310,13 +373,11 @@ class Proxy:
 
     async def _relay_error_as_event(self, ex: Exchange, response: IResponse) -> None:
         chunks: list[bytes] = []
-        relay = stream_body(response, chunks.append)
         try:
-            await ex.wait(relay.done)
-        except (CancelledError, GatewayError):
-            raise
-        except Exception:
-            pass
+            await self._receive(ex, response, chunks.append, producer=False)
+        except GatewayError as e:
+            if e.code != "upstream_disconnected":
+                raise
         text = b"".join(chunks)[:65536].decode("utf-8", "replace")
         message = f"The upstream answered {response.code}"
         try:
@@ -371,6 +432,15 @@ class Proxy:
             usage_source=usage.source,
             note=(" (cancelled)" if ex.cancelled else "") + (" (estimated)" if usage.source == "estimate" else ""),
         )
+
+
+# The assembled answer has a length and type of its own.
+ASSEMBLED_DROP = HOP_BY_HOP | {b"content-type", b"content-length", b"cache-control", b"x-accel-buffering"}
+
+
+def _is_event_stream(response: IResponse) -> bool:
+    content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+    return content_type.lower().startswith(b"text/event-stream")
 
 
 def _is_cancellation(e: BaseException) -> bool:

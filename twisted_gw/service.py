@@ -33,6 +33,7 @@ class Gateway(Service):
             self.upstream, self.admission, self.accounting, reactor,
             queue_events=config.queue_events, keepalive_interval=config.keepalive_interval,
             upstream_timeout=config.upstream_timeout, idle_timeout=config.idle_timeout,
+            assemble_non_stream=config.assemble_non_stream,
         )
         self.app = GatewayApp(
             self.proxy,

@@ -5,7 +5,7 @@ L{FakeLlama} is a real HTTP server on 127.0.0.1 that answers like llama.cpp's
 server does on the wire: chat and completion streams with C{timings} on the
 last chunk, a C{usage} chunk only when asked with C{stream_options}, C{[DONE]},
 non-stream JSON with C{usage} and C{timings}, C{/health} and C{/v1/models}.
-It records every request (headers, URI, body) and whether its client went
+llama.cpp serialises JSON compactly with UTF-8 left as is; so does this. It records every request (headers, URI, body) and whether its client went
 away before the response was complete.
 """
 
@@ -66,7 +66,7 @@ class FakeLlama:
     A llama.cpp-like server.  Knobs: C{reply} (the tokens generated),
     C{chunk_delay} (seconds between tokens), C{header_delay} (seconds before the
     response starts), C{cache_n} (prompt tokens reported as cached), C{loading}
-    (C{/health} answers 503), C{die_after} (the connection is dropped after
+    (C{/health} answers 503), C{has_props} (C{/props} exists, as on llama.cpp), C{die_after} (the connection is dropped after
     that many tokens, like a crashed server), and C{manual}: each token then
     waits for L{release} to be called.
     """
@@ -79,11 +79,13 @@ class FakeLlama:
     loading: bool = False
     manual: bool = False
     die_after: Optional[int] = None
+    slots: int = 1
+    has_props: bool = True
     requests: list[Recorded] = attrs.Factory(list)
     _permits: list[Deferred[None]] = attrs.Factory(list)
     _released: int = 0
     _port: Optional[IListeningPort] = None
-    _arrivals: list[Deferred[Recorded]] = attrs.Factory(list)
+    _arrivals: list[tuple[Optional[bytes], Deferred[Recorded]]] = attrs.Factory(list)
 
     async def start(self) -> str:
         endpoint = endpoints.TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
@@ -120,17 +122,26 @@ class FakeLlama:
         self._permits.append(d)
         return d
 
-    def next_request(self) -> Deferred[Recorded]:
-        """Fires with the next request the server receives."""
+    def next_request(self, path: Optional[bytes] = b"/v1/chat/completions") -> Deferred[Recorded]:
+        """Fires with the next request the server receives for C{path} (any path if None)."""
         d: Deferred[Recorded] = Deferred()
-        self._arrivals.append(d)
+        self._arrivals.append((path, d))
         return d
+
+    @property
+    def generations(self) -> list[Recorded]:
+        """The requests for completions, leaving out C{/props} and other probes."""
+        return [r for r in self.requests if r.uri.startswith((b"/v1/chat/completions", b"/v1/completions"))]
 
     def _arrived(self, rec: Recorded) -> None:
         self.requests.append(rec)
+        path = rec.uri.partition(b"?")[0]
         waiting, self._arrivals = self._arrivals, []
-        for d in waiting:
-            d.callback(rec)
+        for wanted, d in waiting:
+            if wanted is None or wanted == path:
+                d.callback(rec)
+            else:
+                self._arrivals.append((wanted, d))
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -178,6 +189,11 @@ class _FakeResource(resource.Resource):
             if fake.loading:
                 return self._json(request, 503, _error(503, "Loading model", "unavailable_error"))
             return self._json(request, 200, {"status": "ok"})
+        if path == b"/props" and fake.has_props:
+            return self._json(request, 200, {
+                "default_generation_settings": {"n_ctx": 4096}, "total_slots": fake.slots,
+                "model_path": "/models/fake.gguf", "build_info": "b0000-fake",
+            })
         if path == b"/v1/models":
             return self._json(request, 200, {"object": "list", "data": [
                 {"id": MODEL, "object": "model", "created": 0, "owned_by": "llamacpp"}
@@ -288,7 +304,7 @@ class _Generation:
         }
 
     def _event(self, obj: Any) -> None:
-        data = json.dumps(obj, separators=(",", ":")).encode()
+        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
         if len(self.rec.events) < 1000:
             self.rec.events.append(data)
         self.rec.bytes_sent += len(data) + 8
@@ -328,7 +344,7 @@ class _Generation:
                 "object": "chat.completion" if self.chat else "text_completion",
                 "usage": usage, "id": self.id, "timings": timings,
             }
-            payload = json.dumps(body, separators=(",", ":")).encode()
+            payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
             self.request.setHeader(b"Content-Length", str(len(payload)).encode())
             self.request.write(payload)
         self.request.finish()

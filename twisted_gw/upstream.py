@@ -13,6 +13,7 @@ the upstream generating.  L{BodyRelay} stops the upstream connection instead.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -100,6 +101,7 @@ class Upstream:
         self.pool._factory = _QuietClientFactory
         self.agent = Agent(reactor, pool=self.pool)
         self.retries = 0
+        self._llamacpp: Optional[bool] = None
 
     def url(self, uri: bytes) -> bytes:
         """The upstream URL for a gateway request URI (path and query, kept as sent)."""
@@ -127,6 +129,27 @@ class Upstream:
                 raise
         self.retries += 1
         return await self.agent.request(method, url, headers, BytesProducer(body) if body else None)
+
+    async def is_llamacpp(self) -> bool:
+        """
+        Whether the upstream is llama.cpp's server: its C{GET /props} answers
+        with C{total_slots}.  Remembered once known; an unreachable upstream
+        counts as not llama.cpp for now and is asked again next time.
+        """
+        if self._llamacpp is not None:
+            return self._llamacpp
+        try:
+            response = await self.request(b"GET", b"/props", Headers(), None)
+            chunks: list[bytes] = []
+            await stream_body(response, chunks.append).done
+            doc = json.loads(b"".join(chunks))
+        except ValueError:
+            self._llamacpp = False
+            return False
+        except Exception:
+            return False
+        self._llamacpp = response.code == 200 and isinstance(doc, dict) and "total_slots" in doc
+        return self._llamacpp
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()

@@ -1,0 +1,125 @@
+"""Non-streaming requests sent upstream as streams, and the JSON answer built in the gateway."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from support import GatewayTestCase, chat_body, reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_gw.assemble import Assembler, as_stream_request
+from twisted_gw.testing import FakeLlama
+
+
+def normalised(body: bytes) -> bytes:
+    """The body with its per-request id and timestamp replaced."""
+    body = re.sub(rb'"id":"[^"]*"', b'"id":"X"', body)
+    return re.sub(rb'"created":\d+', b'"created":0', body)
+
+
+class AssemblerTests(SynchronousTestCase):
+    def test_stream_request(self) -> None:
+        doc = {"model": "m", "messages": [], "stream": False, "stream_options": {"include_usage": False}}
+        self.assertEqual(json.loads(as_stream_request(doc)),
+                         {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}})
+
+    def test_reasoning_and_tool_calls_are_merged(self) -> None:
+        assembler = Assembler(chat=True)
+        head = {"created": 5, "id": "c1", "model": "m", "system_fingerprint": "b1", "object": "chat.completion.chunk"}
+        deltas = [
+            {"role": "assistant", "content": None},
+            {"reasoning_content": "think "},
+            {"reasoning_content": "hard"},
+            {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                             "function": {"name": "get_", "arguments": "{\"a\""}}]},
+            {"tool_calls": [{"index": 0, "function": {"name": "weather", "arguments": ": 1}"}}]},
+        ]
+        for delta in deltas:
+            assembler.feed({"choices": [{"finish_reason": None, "index": 0, "delta": delta}], **head})
+        assembler.feed({"choices": [{"finish_reason": "tool_calls", "index": 0, "delta": {}}], **head})
+        assembler.feed({"choices": [], **head, "usage": {"completion_tokens": 9, "prompt_tokens": 3,
+                                                         "total_tokens": 12}, "timings": {"predicted_n": 9}})
+        doc = assembler.document()
+        self.assertEqual(list(doc), ["choices", "created", "model", "system_fingerprint", "object", "usage", "id",
+                                     "timings"])
+        self.assertEqual(doc["choices"], [{"finish_reason": "tool_calls", "index": 0, "message": {
+            "role": "assistant", "content": None, "reasoning_content": "think hard",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{\"a\": 1}"},
+                            "id": "call_1"}],
+        }}])
+        self.assertEqual(doc["usage"]["total_tokens"], 12)
+
+    def test_error_event(self) -> None:
+        assembler = Assembler(chat=True)
+        assembler.feed({"error": {"code": 500, "message": "boom", "type": "server_error"}})
+        self.assertEqual(json.loads(assembler.body()), {"error": {"code": 500, "message": "boom",
+                                                                  "type": "server_error"}})
+
+
+class AssembledResponseTests(GatewayTestCase):
+    async def _compare(self, path: str, body: bytes) -> None:
+        via = await self.call("POST", path, body)
+        direct = await self.call("POST", path, body, url=self.fake.url)
+        via_body, direct_body = await via.text(), await direct.text()
+        self.assertEqual(via.code, 200)
+        self.assertEqual(via.header("Content-Type"), direct.header("Content-Type"))
+        self.assertEqual(via.response.length, len(via_body))
+        self.assertEqual(normalised(via_body), normalised(direct_body))
+        # upstream was asked for a stream; the direct call was not
+        gateway_call, direct_call = self.fake.generations[-2:]
+        self.assertEqual(gateway_call.json()["stream"], True)
+        self.assertEqual(direct_call.json().get("stream", False), False)
+
+    async def test_chat_answer_is_byte_compatible(self) -> None:
+        await self.start(fake=FakeLlama(reactor, cache_n=4, reply=("Grüße", ", ", "\"quoted\"", " \\ ok")))
+        await self._compare("/v1/chat/completions", chat_body(False))
+        metrics = await self.metrics()
+        self.assertEqual(metrics["users"]["alice"]["completion_tokens"], 4)
+
+    async def test_completions_answer_is_byte_compatible(self) -> None:
+        await self.start()
+        await self._compare("/v1/completions", json.dumps({"model": "m", "prompt": "Once upon"}).encode())
+
+    async def test_non_stream_client_leaving_mid_generation_stops_the_upstream(self) -> None:
+        await self.start(fake=FakeLlama(reactor, manual=True))
+        arrived = self.fake.next_request()
+        reply = Deferred.fromCoroutine(self.chat(stream=False))
+        upstream = await arrived
+        self.assertTrue(upstream.json()["stream"])
+        self.fake.release(3)
+        while upstream.chunks_sent < 3:
+            await Deferred.fromCoroutine(self.metrics())
+        reply.addErrback(lambda _: None)
+        reply.cancel()
+        await upstream.ended
+        self.assertTrue(upstream.disconnected)
+        metrics = await self.metrics()
+        self.assertEqual(metrics["users"]["alice"]["cancelled"], 1)
+        self.assertEqual(metrics["users"]["alice"]["completion_tokens"], 3)
+        self.assertEqual(metrics["queue"]["active"], 0)
+
+    async def test_upstream_without_props_is_not_assembled(self) -> None:
+        await self.start(fake=FakeLlama(reactor, has_props=False))
+        reply = await self.chat(stream=False)
+        self.assertEqual((await reply.json())["object"], "chat.completion")
+        self.assertEqual(self.fake.generations[-1].json()["stream"], False)
+
+    async def test_never(self) -> None:
+        await self.start(assemble_non_stream="never")
+        await (await self.chat(stream=False)).text()
+        self.assertEqual(self.fake.generations[-1].json()["stream"], False)
+        self.assertEqual([r.uri for r in self.fake.requests], [b"/v1/chat/completions"])
+
+    async def test_upstream_error_status_is_passed_through(self) -> None:
+        await self.start()
+        reply = await self.call("POST", "/v1/chat/completions", chat_body(False, error_status=503))
+        self.assertEqual(reply.code, 503)
+        self.assertEqual((await reply.json())["error"]["message"], "fake failure")
+
+    async def test_upstream_dying_is_a_502(self) -> None:
+        await self.start(fake=FakeLlama(reactor, die_after=2))
+        reply = await self.chat(stream=False)
+        self.assertEqual(reply.code, 502)
+        self.assertEqual((await reply.json())["error"]["code"], "upstream_disconnected")
