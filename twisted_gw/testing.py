@@ -5,8 +5,9 @@ L{FakeLlama} is a real HTTP server on 127.0.0.1 that answers like llama.cpp's
 server does on the wire: chat and completion streams with C{timings} on the
 last chunk, a C{usage} chunk only when asked with C{stream_options}, C{[DONE]},
 non-stream JSON with C{usage} and C{timings}, C{/health} and C{/v1/models}.
-llama.cpp serialises JSON compactly with UTF-8 left as is; so does this. It records every request (headers, URI, body) and whether its client went
-away before the response was complete.
+llama.cpp serialises JSON compactly with UTF-8 left as is; so does this.  It
+records every request (headers, URI, body) and whether its client went away
+before the response was complete.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ class FakeLlama:
     A llama.cpp-like server.  Knobs: C{reply} (the tokens generated),
     C{chunk_delay} (seconds between tokens), C{header_delay} (seconds before the
     response starts), C{cache_n} (prompt tokens reported as cached), C{loading}
-    (C{/health} answers 503), C{has_props} (C{/props} exists, as on llama.cpp), C{die_after} (the connection is dropped after
-    that many tokens, like a crashed server), and C{manual}: each token then
-    waits for L{release} to be called.
+    (C{/health} answers 503), C{has_props} (C{/props} exists, as on llama.cpp),
+    C{die_after} (the connection is dropped after that many tokens, like a
+    crashed server), and C{manual}: each token then waits for L{release}.
     """
 
     reactor: Any
