@@ -246,6 +246,7 @@ class _Generation:
         self.index = 0
         self.gone = False
         self.pending: Optional[Any] = None
+        self.waiting_permit: Optional[Deferred[None]] = None
         rec.ended.addCallback(self._client_gone)
 
     def later(self, delay: float, f: Any) -> None:
@@ -255,6 +256,8 @@ class _Generation:
         self.gone = not self.rec.completed
         if self.gone and self.pending is not None and self.pending.active():
             self.pending.cancel()
+        if self.gone and self.waiting_permit in self.fake._permits:
+            self.fake._permits.remove(self.waiting_permit)  # its tokens go to the next generation
 
     def begin(self) -> None:
         if self.gone:
@@ -274,7 +277,7 @@ class _Generation:
         if self.index >= len(self.tokens):
             self._finish()
             return
-        d = self.fake._permit()
+        d = self.waiting_permit = self.fake._permit()
         d.addCallback(lambda _: self._emit())
 
     def _emit(self) -> None:
