@@ -9,6 +9,7 @@ import sys
 from typing import Any, Optional
 
 import attrs
+from twisted.internet import error, task
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
@@ -157,6 +158,19 @@ class GatewayTestCase(unittest.TestCase):
         collector = Collector()
         response.deliverBody(collector)
         return Reply(response, collector)
+
+    async def wait_until_up(self, url: str, seconds: float = 45.0) -> None:
+        """Poll C{url}/health until a (subprocess) gateway answers."""
+        deadline = reactor.seconds() + seconds
+        while True:
+            try:
+                reply = await self.call("GET", "/health", key=None, url=url)
+                await reply.text()
+                return
+            except error.ConnectionRefusedError:
+                if reactor.seconds() > deadline:
+                    raise
+                await task.deferLater(reactor, 0.05, lambda: None)
 
     async def chat(self, stream: bool = False, key: str = ALICE, **extra: Any) -> Reply:
         return await self.call("POST", "/v1/chat/completions", chat_body(stream, **extra), key=key)

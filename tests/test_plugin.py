@@ -7,7 +7,7 @@ import os
 import subprocess
 
 from support import ALICE, TWISTD, GatewayTestCase, chat_body, free_port, reactor
-from twisted.internet import error, task
+from twisted.internet import task
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -41,6 +41,8 @@ class CommandLineTests(TestCase):
 
 
 class SubprocessGatewayTests(GatewayTestCase):
+    timeout = 60
+
     async def test_twistd_llmgw_serves_in_front_of_the_fake(self) -> None:
         self.fake = FakeLlama(reactor)
         await self.fake.start()
@@ -61,12 +63,8 @@ class SubprocessGatewayTests(GatewayTestCase):
 
         self.addCleanup(stop)
         url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                reply = await self.call("GET", "/health", key=None, url=url)
-                break
-            except error.ConnectionRefusedError:
-                await task.deferLater(reactor, 0.05, lambda: None)
+        await self.wait_until_up(url)
+        reply = await self.call("GET", "/health", key=None, url=url)
         self.assertEqual(await reply.json(), {"status": "ok"})
         self.assertEqual((await self.call("GET", "/v1/models", url=url)).code, 401)
         with open(os.path.join(workdir, "users.json"), "w") as f:

@@ -87,12 +87,7 @@ class SigtermTests(GatewayTestCase):
         )
         self.addCleanup(proc.kill)
         url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                await (await self.call("GET", "/health", key=None, url=url)).text()
-                break
-            except error.ConnectionRefusedError:
-                await settle()
+        await self.wait_until_up(url)
         running = await self.call("POST", "/v1/chat/completions", chat_body(True), url=url)
         queued = await self.call("POST", "/v1/chat/completions", chat_body(True), key=BOB, url=url)
         await queued.body.wait_for(b": queue position=1")
