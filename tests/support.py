@@ -140,6 +140,7 @@ class GatewayTestCase(unittest.TestCase):
         with open(self.users_path, "w") as f:
             json.dump(KEYS if users is None else users, f)
         config.setdefault("upstream", self.fake.url)
+        config.setdefault("usage_db", os.path.abspath(self.mktemp()) + ".sqlite3")
         self.config = Config(users_file=self.users_path, **config)
         self.gw = await start_gateway(reactor, self.config)
         self.addCleanup(self.gw.stop)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_gw.accounting import Accounting, RequestRecord
+from twisted_gw.accounting import Accounting, RequestRecord, UserTotals
 from twisted_gw.admission import Admission
 from twisted_gw.metrics import snapshot
 
@@ -49,4 +49,23 @@ class AccountingTests(SynchronousTestCase):
         self.assertEqual(doc["users"], {"alice": {"requests": 1, "prompt_tokens": 7, "completion_tokens": 3,
                                                     "cancelled": 0}})
         self.assertEqual(doc["throughput"], {"tokens_per_second_1m": 0.05, "tokens_per_second_5m": 0.01})
-        self.assertEqual(doc["latency"], {"avg_response_time_s": 1.0})
+        self.assertEqual(doc["latency"], {"avg_response_time_s": 1.0, "p50_response_time_s": 1.0,
+                                          "p95_response_time_s": 1.0, "p50_ttft_s": None, "p95_ttft_s": None})
+
+    def test_percentiles_over_five_minutes(self) -> None:
+        clock = Clock()
+        accounting = Accounting(clock)
+        for i in range(1, 21):
+            accounting.record(RequestRecord("a", "POST", "/v1/x", 200, 1, 1, float(i), ttft=i / 10))
+        p = accounting.percentiles()
+        self.assertEqual(p, {"p50_response_time_s": 10.0, "p95_response_time_s": 19.0,
+                             "p50_ttft_s": 1.0, "p95_ttft_s": 1.9})
+        clock.advance(301)
+        self.assertEqual(accounting.percentiles()["p95_response_time_s"], None)
+
+    def test_restore(self) -> None:
+        accounting = Accounting(Clock())
+        accounting.restore({"alice": UserTotals(3, 30, 60, 1)})
+        accounting.record(record("alice", 1, 2, 1.0))
+        self.assertEqual(accounting.users["alice"], UserTotals(4, 31, 62, 1))
+        self.assertEqual(accounting.totals, UserTotals(4, 31, 62, 1))

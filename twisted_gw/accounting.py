@@ -5,7 +5,10 @@ throughput and latency.  Time comes from an injected L{IReactorTime}.
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Mapping
+from typing import Optional
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -28,6 +31,10 @@ class RequestRecord:
     queue_wait: float = 0.0
     cancelled: bool = False
     usage_source: str = "none"
+    model: Optional[str] = None
+    ttft: Optional[float] = None
+    tokens_per_second: Optional[float] = None
+    error: Optional[str] = None
 
 
 @attrs.define
@@ -45,8 +52,18 @@ class Accounting:
         self._clock = clock
         self.totals = UserTotals()
         self.users: dict[str, UserTotals] = {}
-        # (finished at, completion tokens, duration), oldest first
-        self._recent: deque[tuple[float, int, float]] = deque()
+        # (finished at, completion tokens, duration, time to first token), oldest first
+        self._recent: deque[tuple[float, int, float, Optional[float]]] = deque()
+
+    def restore(self, users: Mapping[str, UserTotals]) -> None:
+        """Start from totals kept elsewhere (the ledger), as if those requests had been recorded."""
+        for name, saved in users.items():
+            user = self.users.setdefault(name, UserTotals())
+            for totals in (self.totals, user):
+                totals.requests += saved.requests
+                totals.prompt_tokens += saved.prompt_tokens
+                totals.completion_tokens += saved.completion_tokens
+                totals.cancelled += saved.cancelled
 
     def record(self, rec: RequestRecord) -> None:
         user = self.users.setdefault(rec.user, UserTotals())
@@ -55,7 +72,7 @@ class Accounting:
             totals.prompt_tokens += rec.prompt_tokens
             totals.completion_tokens += rec.completion_tokens
             totals.cancelled += rec.cancelled
-        self._recent.append((self._clock.seconds(), rec.completion_tokens, rec.duration))
+        self._recent.append((self._clock.seconds(), rec.completion_tokens, rec.duration, rec.ttft))
         self._expire()
 
     def _expire(self) -> None:
@@ -67,11 +84,30 @@ class Accounting:
         """Completion tokens of requests finished in the last C{window} seconds, per second."""
         self._expire()
         horizon = self._clock.seconds() - window
-        return sum(tokens for at, tokens, _ in self._recent if at >= horizon) / window
+        return sum(tokens for at, tokens, _, _ in self._recent if at >= horizon) / window
 
     def average_response_time(self) -> float:
         """Mean duration of the requests finished in the last five minutes (0 when none)."""
         self._expire()
         if not self._recent:
             return 0.0
-        return sum(duration for _, _, duration in self._recent) / len(self._recent)
+        return sum(duration for _, _, duration, _ in self._recent) / len(self._recent)
+
+    def percentiles(self) -> dict[str, Optional[float]]:
+        """p50 and p95 of request duration and time to first token, over the last five minutes."""
+        self._expire()
+        durations = sorted(d for _, _, d, _ in self._recent)
+        ttfts = sorted(t for _, _, _, t in self._recent if t is not None)
+        return {
+            "p50_response_time_s": _percentile(durations, 0.50),
+            "p95_response_time_s": _percentile(durations, 0.95),
+            "p50_ttft_s": _percentile(ttfts, 0.50),
+            "p95_ttft_s": _percentile(ttfts, 0.95),
+        }
+
+
+def _percentile(ordered: list[float], q: float) -> Optional[float]:
+    """Nearest-rank percentile of an ordered list; None when it is empty."""
+    if not ordered:
+        return None
+    return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 4)

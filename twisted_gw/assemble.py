@@ -24,6 +24,15 @@ def as_stream_request(doc: dict[str, Any]) -> bytes:
     return json.dumps(upstream, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+def with_usage_requested(doc: dict[str, Any]) -> bytes:
+    """The client's streaming request, also asking for a usage chunk."""
+    upstream = dict(doc)
+    options = dict(doc["stream_options"]) if isinstance(doc.get("stream_options"), dict) else {}
+    options["include_usage"] = True
+    upstream["stream_options"] = options
+    return json.dumps(upstream, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 class _Choice:
     def __init__(self, index: int) -> None:
         self.index = index

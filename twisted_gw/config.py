@@ -131,6 +131,14 @@ SETTINGS: tuple[Setting, ...] = (
             "so that a client leaving stops the generation at once: 'auto' (when the upstream is "
             "llama.cpp, seen from its /props), 'always' or 'never'.",
             _assemble_mode, "assemble_non_stream"),
+    Setting("usage-db", "USAGE_DB", "llmgw-usage.sqlite3",
+            "SQLite ledger of finished requests (one row each); per-user totals are restored from it "
+            "at startup. Empty: no ledger.",
+            str, "usage_db"),
+    Setting("metrics-token", "METRICS_TOKEN", "",
+            "When set, /metrics and /metrics/prometheus require 'Authorization: Bearer <token>'. "
+            "When unset, they answer loopback clients only, unless --public-metrics.",
+            str, "metrics_token"),
     Setting("users-poll-interval", "USERS_POLL_INTERVAL", "2",
             "Seconds between checks of the users file for changes.",
             _positive_float("users-poll-interval"), "users_poll_interval"),
@@ -155,6 +163,9 @@ class Config:
     max_body: int = 16 * 1024 * 1024
     drain_timeout: float = 30.0
     assemble_non_stream: str = "auto"
+    usage_db: str = "llmgw-usage.sqlite3"
+    metrics_token: str = ""
+    public_metrics: bool = False
 
 
 LISTEN_ENV = "LISTEN"
@@ -176,6 +187,11 @@ class Options(usage.Options):
     )
     optParameters: list[Sequence[object]] = [
         [s.option, None, None, _help(s)] for s in SETTINGS
+    ]
+    optFlags: list[Sequence[object]] = [
+        ["public-metrics", None,
+         "Serve the metrics endpoints to any client when no --metrics-token is set "
+         "(they name users). [env: PUBLIC_METRICS=1]"],
     ]
 
     def __init__(self) -> None:
@@ -210,7 +226,16 @@ def build_config(options: Mapping[str, object], environ: Mapping[str, str]) -> C
     listen = options.get("listen") or _listen_list(environ.get(LISTEN_ENV) or LISTEN_DEFAULT)
     assert isinstance(listen, (list, tuple))
     values["listen"] = tuple(_check_endpoint(str(d)) for d in listen)
+    values["public_metrics"] = bool(options.get("public-metrics")) or _truthy(environ.get("PUBLIC_METRICS", ""))
     return Config(**values)  # type: ignore[arg-type]
+
+
+def _truthy(text: str) -> bool:
+    if text.strip().lower() in ("", "0", "false", "no", "off"):
+        return False
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"PUBLIC_METRICS must be 1/true/yes/on or 0/false/no/off, not {text!r}")
 
 
 def _check_endpoint(description: str) -> str:

@@ -25,6 +25,7 @@ class GatewayError(Exception):
     type: str = "invalid_request_error"
     code: Optional[str] = None
     headers: dict[bytes, bytes] = attrs.Factory(dict)
+    accounted: bool = False  # already in the access log and the ledger
 
     def __str__(self) -> str:
         return f"{self.status} {self.message}"

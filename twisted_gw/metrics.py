@@ -27,6 +27,7 @@ def snapshot(admission: Admission, accounting: Accounting) -> dict[str, Any]:
         },
         "latency": {
             "avg_response_time_s": round(accounting.average_response_time(), 4),
+            **accounting.percentiles(),
         },
         "totals": {
             "requests": totals.requests,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any, Optional, TypeVar
 
 import attrs
@@ -27,7 +28,7 @@ from twisted.web.server import Request
 from twisted_gw import sse
 from twisted_gw.accounting import Accounting, RequestRecord
 from twisted_gw.admission import Admission, QueueFull, QueueTimeout, ShuttingDown, Ticket
-from twisted_gw.assemble import ASSEMBLED_PATHS, Assembler, as_stream_request
+from twisted_gw.assemble import ASSEMBLED_PATHS, Assembler, as_stream_request, with_usage_requested
 from twisted_gw.checks import (
     GATEWAY_USER_HEADER,
     HOP_BY_HOP,
@@ -72,6 +73,9 @@ class Exchange:
     keepalive: Optional[LoopingCall] = None
     current: Optional[Deferred[Any]] = None
     interrupted: Optional[GatewayError] = None
+    model: Optional[str] = None
+    first_token_at: Optional[float] = None
+    error: Optional[str] = None
 
     def write(self, data: bytes) -> None:
         self.request.write(data)
@@ -129,6 +133,7 @@ class Proxy:
     upstream_timeout: float = 600.0
     idle_timeout: float = 300.0
     assemble_non_stream: str = "auto"
+    sinks: list[Callable[[RequestRecord], None]] = attrs.Factory(list)
     active: set[Exchange] = attrs.Factory(set)
     _idle: list[Deferred[None]] = attrs.Factory(list)
 
@@ -137,7 +142,7 @@ class Proxy:
         uri = check_uri(request.uri)
         body = request.content.read() if request.content is not None else b""
         info = inspect_body(body, request.getHeader(b"content-type"))
-        ex = Exchange(request, user, self.clock.seconds(), stream=info.stream)
+        ex = Exchange(request, user, self.clock.seconds(), stream=info.stream, model=info.model)
         ticket: Optional[Ticket] = None
         self.active.add(ex)
         try:
@@ -148,6 +153,7 @@ class Proxy:
             ex.cancelled = True
             raise
         except GatewayError as e:
+            ex.error = e.code
             self._report(ex, e)
         finally:
             self._stop_keepalive(ex)
@@ -162,6 +168,7 @@ class Proxy:
 
     def _report(self, ex: Exchange, e: GatewayError) -> None:
         """An error after the checks: as the response if none was sent yet, else in the stream."""
+        e.accounted = True
         if not ex.headers_sent:
             ex.status = e.status
             raise e
@@ -244,12 +251,30 @@ class Proxy:
             return None
         return Assembler(chat=ASSEMBLED_PATHS[path])
 
+    async def _needs_usage_injection(self, ex: Exchange, uri: bytes, info: BodyInfo) -> bool:
+        """
+        A stream from an upstream that sends neither C{usage} nor llama.cpp's
+        C{timings} unless asked: ask it for usage, when the client did not.
+        llama.cpp is never asked: it sends C{timings} anyway, and asking would
+        move them off the finish chunk the client expects them on.
+        """
+        if not (ex.stream and uri.partition(b"?")[0] in ASSEMBLED_PATHS and isinstance(info.document, dict)):
+            return False
+        options = info.document.get("stream_options")
+        if isinstance(options, dict) and "include_usage" in options:
+            return False
+        return not await ex.wait(Deferred.fromCoroutine(self.upstream.is_llamacpp()))
+
     async def _forward(self, ex: Exchange, uri: bytes, body: bytes, info: BodyInfo) -> None:
         request = ex.request
         headers = self._upstream_headers(request, ex.user)
         assembler = await self._assembly_for(ex, uri, info)
+        injected_usage = False
         if assembler is not None:
             body = as_stream_request(info.document)
+        elif await self._needs_usage_injection(ex, uri, info):
+            body = with_usage_requested(info.document)
+            injected_usage = True
         timer = self.clock.callLater(
             self.upstream_timeout, ex.interrupt,
             gateway_timeout(f"The upstream sent no response within {self.upstream_timeout:g} s.", "upstream_timeout"),
@@ -266,7 +291,7 @@ class Proxy:
         if assembler is not None and response.code == 200 and _is_event_stream(response):
             await self._assemble(ex, response, assembler)
         else:
-            await self._relay(ex, response)
+            await self._relay(ex, response, injected_usage)
 
     def _copy_response_headers(self, ex: Exchange, response: IResponse, status: int,
                                drop: frozenset[bytes] = HOP_BY_HOP) -> None:
@@ -314,6 +339,7 @@ class Proxy:
         def on_data(data: bytes) -> None:
             for event in parser.feed(data):
                 ex.tracker.see_event(event)
+                self._stamp_first_token(ex)
                 if event != b"[DONE]":
                     try:
                         assembler.feed(json.loads(event))
@@ -331,7 +357,11 @@ class Proxy:
         ex.request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
         ex.request.write(body)
 
-    async def _relay(self, ex: Exchange, response: IResponse) -> None:
+    def _stamp_first_token(self, ex: Exchange) -> None:
+        if ex.first_token_at is None and ex.tracker.content_chunks:
+            ex.first_token_at = self.clock.seconds()
+
+    async def _relay(self, ex: Exchange, response: IResponse, injected_usage: bool = False) -> None:
         request = ex.request
         event_stream = _is_event_stream(response)
         if ex.headers_sent and response.code >= 400:
@@ -350,14 +380,22 @@ class Proxy:
         kept: list[bytes] = []
         size = 0
         parser = sse.SSEParser()
+        # The client did not ask for usage but the gateway did: take out what it added.
+        strip = sse.UsageStripper().feed if injected_usage else None
 
         def on_data(data: bytes) -> None:
             nonlocal size
-            request.write(data)
             if event_stream:
+                data = strip(data) if strip is not None else data
+                request.write(data)
                 for event in parser.feed(data):
                     ex.tracker.see_event(event)
-            elif size <= MAX_USAGE_BODY:
+                self._stamp_first_token(ex)
+                return
+            request.write(data)
+            if ex.first_token_at is None:
+                ex.first_token_at = self.clock.seconds()
+            if size <= MAX_USAGE_BODY:
                 size += len(data)
                 kept.append(data)
 
@@ -386,7 +424,8 @@ class Proxy:
         except (ValueError, KeyError, TypeError):
             if text.strip():
                 message = f"{message}: {text.strip()[:500]}"
-        ex.write_error_event(message, "upstream_error", f"upstream_{response.code}")
+        ex.error = f"upstream_{response.code}"
+        ex.write_error_event(message, "upstream_error", ex.error)
 
     def drain(self, timeout: float) -> Deferred[None]:
         """
@@ -412,25 +451,40 @@ class Proxy:
         return done.addCallback(finished)
 
     def _account(self, ex: Exchange, request: Request) -> None:
+        """Record the finished request with every sink (totals, ledger, Prometheus) and log it."""
+        now = self.clock.seconds()
         usage = ex.tracker.usage
-        duration = self.clock.seconds() - ex.started
-        path = request.uri.partition(b"?")[0].decode("ascii", "replace")
-        method = request.method.decode("ascii", "replace")
-        status = ex.status
-        self.accounting.record(RequestRecord(
-            user=ex.user, method=method, path=path, status=status,
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            duration=duration, queue_wait=ex.queue_wait, cancelled=ex.cancelled,
+        ttft = None if ex.first_token_at is None else ex.first_token_at - ex.started
+        generating = None if ex.first_token_at is None else now - ex.first_token_at
+        record = RequestRecord(
+            user=ex.user,
+            method=request.method.decode("ascii", "replace"),
+            path=request.uri.partition(b"?")[0].decode("ascii", "replace"),
+            status=ex.status,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            duration=now - ex.started,
+            queue_wait=ex.queue_wait,
+            cancelled=ex.cancelled,
             usage_source=usage.source,
-        ))
+            model=ex.model,
+            ttft=ttft,
+            tokens_per_second=(usage.completion_tokens / generating) if generating and usage.completion_tokens else None,
+            error=ex.error,
+        )
+        self.accounting.record(record)
+        for sink in self.sinks:
+            sink(record)
         log.info(
             "{method} {path} {status} user={user} wait={queue_wait:.3f}s time={duration:.3f}s "
             "tokens={prompt_tokens}+{completion_tokens}{note}",
-            method=method, path=path, status=status, user=ex.user, queue_wait=ex.queue_wait,
-            duration=duration, prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens, cancelled=ex.cancelled,
-            usage_source=usage.source,
-            note=(" (cancelled)" if ex.cancelled else "") + (" (estimated)" if usage.source == "estimate" else ""),
+            method=record.method, path=record.path, status=record.status, user=record.user,
+            model=record.model, queue_wait=record.queue_wait, ttft=record.ttft, duration=record.duration,
+            prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+            tokens_per_second=record.tokens_per_second, usage_source=record.usage_source,
+            cancelled=record.cancelled, error=record.error,
+            note=(" (cancelled)" if record.cancelled else "")
+            + (" (estimated)" if record.usage_source == "estimate" else ""),
         )
 
 
@@ -441,6 +495,16 @@ ASSEMBLED_DROP = HOP_BY_HOP | {b"content-type", b"content-length", b"cache-contr
 def _is_event_stream(response: IResponse) -> bool:
     content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
     return content_type.lower().startswith(b"text/event-stream")
+
+
+def log_refused(request: Request, user: Optional[str], error: GatewayError) -> None:
+    """The access-log event of a request refused before it was proxied (bad key, bad input)."""
+    log.info(
+        "{method} {path} {status} user={user} refused: {error}",
+        method=request.method.decode("ascii", "replace"),
+        path=request.uri.partition(b"?")[0].decode("ascii", "replace"),
+        status=error.status, user=user, error=error.code, cancelled=False,
+    )
 
 
 def _is_cancellation(e: BaseException) -> bool:

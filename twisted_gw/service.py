@@ -13,7 +13,9 @@ from twisted_gw.accounting import Accounting
 from twisted_gw.admission import Admission
 from twisted_gw.auth import UsersFile
 from twisted_gw.config import Config
+from twisted_gw.ledger import Ledger
 from twisted_gw.metrics import snapshot
+from twisted_gw.prometheus import PrometheusMetrics
 from twisted_gw.proxy import Proxy
 from twisted_gw.upstream import Upstream
 from twisted_gw.web import GatewayApp, GatewaySite
@@ -35,10 +37,18 @@ class Gateway(Service):
             upstream_timeout=config.upstream_timeout, idle_timeout=config.idle_timeout,
             assemble_non_stream=config.assemble_non_stream,
         )
+        self.prometheus = PrometheusMetrics(self.admission)
+        self.proxy.sinks.append(self.prometheus.observe)
+        self.ledger = Ledger(config.usage_db, reactor) if ledger_enabled(config.usage_db) else None
+        if self.ledger is not None:
+            self.proxy.sinks.append(self.ledger.append)
         self.app = GatewayApp(
             self.proxy,
             lambda key: self.users.current.lookup(key),
             lambda: snapshot(self.admission, self.accounting),
+            self.prometheus.render,
+            metrics_token=config.metrics_token,
+            public_metrics=config.public_metrics,
         )
         self.site = GatewaySite(self.app.resource(), max_body=config.max_body)
 
@@ -46,6 +56,8 @@ class Gateway(Service):
         super().startService()
         self.users.load_now()
         self.users.start()
+        if self.ledger is not None:
+            self.accounting.restore(self.ledger.start())
 
     def stopService(self) -> Deferred[None]:
         """
@@ -54,9 +66,17 @@ class Gateway(Service):
         """
         super().stopService()
         self.users.stop()
-        d = self.proxy.drain(self.config.drain_timeout)
-        d.addCallback(lambda _: self.upstream.close())
-        return d
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        await self.proxy.drain(self.config.drain_timeout)
+        if self.ledger is not None:
+            await self.ledger.stop()
+        await self.upstream.close()
+
+
+def ledger_enabled(path: str) -> bool:
+    return bool(path) and path.lower() != "none"
 
 
 def makeService(config: Config, reactor: Any = None) -> MultiService:

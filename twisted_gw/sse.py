@@ -69,6 +69,43 @@ def queue_update_event(position: int) -> bytes:
     })
 
 
+_NULL_USAGE = re.compile(rb'(,\s*"usage"\s*:\s*null(?=\s*[,}]))|("usage"\s*:\s*null\s*,\s*)')
+_USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+
+
+class UsageStripper:
+    """
+    Takes out of an event stream what asking for C{include_usage} added: the
+    usage-only chunk (C{"choices": []} with C{usage}) and the C{"usage": null}
+    that OpenAI-style servers then put on every other chunk.  Every other byte
+    passes as it came; events are passed whole, as soon as they are complete.
+    """
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, data: bytes) -> bytes:
+        text = self._partial + data
+        out: list[bytes] = []
+        start = 0
+        for match in _EVENT_END.finditer(text):
+            out.append(self._event(text[start:match.end()]))
+            start = match.end()
+        self._partial = text[start:]
+        return b"".join(out)
+
+    @staticmethod
+    def _event(raw: bytes) -> bytes:
+        if b'"usage"' not in raw:
+            return raw
+        if _USAGE_ONLY.search(raw) and b'"usage":null' not in raw.replace(b" ", b""):
+            return b""
+        return _NULL_USAGE.sub(b"", raw)
+
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
 @attrs.frozen
 class Usage:
     """Tokens of one request, and where the numbers came from."""

@@ -69,7 +69,10 @@ class FakeLlama:
     response starts), C{cache_n} (prompt tokens reported as cached), C{loading}
     (C{/health} answers 503), C{has_props} (C{/props} exists, as on llama.cpp),
     C{die_after} (the connection is dropped after that many tokens, like a
-    crashed server), and C{manual}: each token then waits for L{release}.
+    crashed server), C{manual}: each token then waits for L{release}, and
+    C{flavour}: C{"openai"} answers like OpenAI-style servers (vLLM...): no
+    C{timings} and no C{/props}, usage in a stream only when asked for, and
+    then C{"usage": null} on every other chunk.
     """
 
     reactor: Any
@@ -82,6 +85,7 @@ class FakeLlama:
     die_after: Optional[int] = None
     slots: int = 1
     has_props: bool = True
+    flavour: str = "llamacpp"
     requests: list[Recorded] = attrs.Factory(list)
     _permits: list[Deferred[None]] = attrs.Factory(list)
     _released: int = 0
@@ -190,7 +194,7 @@ class _FakeResource(resource.Resource):
             if fake.loading:
                 return self._json(request, 503, _error(503, "Loading model", "unavailable_error"))
             return self._json(request, 200, {"status": "ok"})
-        if path == b"/props" and fake.has_props:
+        if path == b"/props" and fake.has_props and fake.flavour == "llamacpp":
             return self._json(request, 200, {
                 "default_generation_settings": {"n_ctx": 4096}, "total_slots": fake.slots,
                 "model_path": "/models/fake.gguf", "build_info": "b0000-fake",
@@ -239,6 +243,8 @@ class _Generation:
         self.stream = doc.get("stream") is True
         max_tokens = doc.get("max_tokens")
         self.tokens = fake.reply[:max_tokens] if isinstance(max_tokens, int) else fake.reply
+        self.openai = fake.flavour == "openai"
+        self.include_usage = bool((doc.get("stream_options") or {}).get("include_usage"))
         self.prompt = _count_prompt(doc)
         self.cache_n = min(fake.cache_n, self.prompt - 1)
         self.id = ("chatcmpl-" if chat else "cmpl-") + str(len(fake.requests))
@@ -300,12 +306,15 @@ class _Generation:
         self.later(self.fake.chunk_delay, self._next)
 
     def _chunk(self, choices: list[Any], **extra: Any) -> dict[str, Any]:
-        return {
+        chunk = {
             "choices": choices, "created": self.created, "id": self.id, "model": MODEL,
             "system_fingerprint": "b0000-fake",
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             **extra,
         }
+        if self.openai and self.include_usage and "usage" not in chunk:
+            chunk["usage"] = None
+        return chunk
 
     def _event(self, obj: Any) -> None:
         data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
@@ -318,13 +327,18 @@ class _Generation:
         completion = len(self.tokens)
         usage = _usage(self.prompt, completion)
         timings = _timings(self.prompt, self.cache_n, completion)
-        if self.stream:
-            include_usage = bool((self.doc.get("stream_options") or {}).get("include_usage"))
-            final_choice: dict[str, Any]
-            if self.chat:
-                final_choice = {"finish_reason": "stop", "index": 0, "delta": {}}
-            else:
-                final_choice = {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}
+        final_choice: dict[str, Any]
+        if self.chat:
+            final_choice = {"finish_reason": "stop", "index": 0, "delta": {}}
+        else:
+            final_choice = {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}
+        if self.stream and self.openai:
+            self._event(self._chunk([final_choice]))
+            if self.include_usage:
+                self._event(self._chunk([], usage=usage))
+            self.request.write(b"data: [DONE]\n\n")
+        elif self.stream:
+            include_usage = self.include_usage
             if self.chat and include_usage:
                 # llama.cpp moves timings onto the usage chunk when usage is asked for
                 self._event(self._chunk([final_choice]))
@@ -348,6 +362,8 @@ class _Generation:
                 "object": "chat.completion" if self.chat else "text_completion",
                 "usage": usage, "id": self.id, "timings": timings,
             }
+            if self.openai:
+                del body["timings"]
             payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
             self.request.setHeader(b"Content-Length", str(len(payload)).encode())
             self.request.write(payload)

@@ -5,6 +5,8 @@ the site's request class.  Thin: the work is done in L{twisted_gw.proxy}.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 from collections.abc import Callable
 from io import BytesIO
@@ -12,6 +14,7 @@ from typing import Any, Optional
 
 import attrs
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -19,7 +22,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from twisted_gw.errors import GatewayError, error_json, unauthorized
-from twisted_gw.proxy import Proxy
+from twisted_gw.proxy import Proxy, log_refused
 
 log = Logger(namespace="llmgw.web")
 
@@ -28,6 +31,13 @@ def _json(request: IRequest, status: int, doc: Any) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     return json.dumps(doc).encode("utf-8")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.removeprefix("::ffff:")).is_loopback
+    except ValueError:
+        return False
 
 
 def bearer_key(request: IRequest) -> Optional[str]:
@@ -51,6 +61,9 @@ class GatewayApp:
     proxy: Proxy
     lookup_user: Callable[[str], Optional[str]]
     metrics: Callable[[], dict[str, Any]]
+    prometheus: Callable[[], bytes] = lambda: b""
+    metrics_token: str = ""
+    public_metrics: bool = False
     app: Klein = attrs.field(init=False, factory=Klein)
 
     def __attrs_post_init__(self) -> None:
@@ -59,6 +72,7 @@ class GatewayApp:
         app.url_map.merge_slashes = False
         app.route("/health", methods=["GET", "HEAD"])(self.health)
         app.route("/metrics", methods=["GET"])(self.metrics_json)
+        app.route("/metrics/prometheus", methods=["GET"])(self.metrics_prometheus)
         app.route("/v1", branch=True)(self.v1)
         app.handle_errors(GatewayError)(self.gateway_error)
         app.handle_errors(HTTPException)(self.http_error)
@@ -70,18 +84,46 @@ class GatewayApp:
     def health(self, request: IRequest) -> bytes:
         return _json(request, 200, {"status": "ok"})
 
-    def metrics_json(self, request: IRequest) -> bytes:
+    def _check_metrics_access(self, request: IRequest) -> None:
+        """User names are private: a token when one is set, else loopback only (unless public)."""
         request.setHeader(b"Cache-Control", b"no-store")
+        if self.metrics_token:
+            key = bearer_key(request)
+            if key is None or not hmac.compare_digest(key.encode(), self.metrics_token.encode()):
+                raise unauthorized("The metrics endpoints need 'Authorization: Bearer <metrics token>'.")
+            return
+        if self.public_metrics:
+            return
+        host = getattr(request.getClientAddress(), "host", "")
+        if not _is_loopback(host):
+            raise GatewayError(
+                403, "Metrics are served to loopback clients only; set --metrics-token or --public-metrics.",
+                "permission_error", "metrics_forbidden",
+            )
+
+    def metrics_json(self, request: IRequest) -> bytes:
+        self._check_metrics_access(request)
         return _json(request, 200, self.metrics())
 
+    def metrics_prometheus(self, request: IRequest) -> bytes:
+        self._check_metrics_access(request)
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return self.prometheus()
+
     async def v1(self, request: server.Request) -> None:
-        key = bearer_key(request)
-        if key is None:
-            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-        user = self.lookup_user(key)
-        if user is None:
-            raise unauthorized("Incorrect API key provided.")
-        await self.proxy.handle(request, user)
+        user: Optional[str] = None
+        try:
+            key = bearer_key(request)
+            if key is None:
+                raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+            user = self.lookup_user(key)
+            if user is None:
+                raise unauthorized("Incorrect API key provided.")
+            await self.proxy.handle(request, user)
+        except GatewayError as e:
+            if not e.accounted:
+                log_refused(request, user, e)
+            raise
 
     def gateway_error(self, request: IRequest, failure: Failure) -> bytes:
         e = failure.value

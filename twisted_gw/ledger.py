@@ -1,0 +1,151 @@
+"""
+The usage ledger: one SQLite row per finished request, so that usage survives
+restarts.
+
+Rows are kept in memory as requests finish and written in one transaction every
+C{flush_interval} seconds through L{twisted.enterprise.adbapi} (a single
+database thread), never on the reactor thread.  A process killed outright loses
+at most the rows of the last interval.  The database is in WAL mode, so the
+report command can read it while the gateway writes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, Optional
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from twisted_gw.accounting import RequestRecord, UserTotals
+
+log = Logger(namespace="llmgw.ledger")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    finished_at REAL NOT NULL,
+    user TEXT NOT NULL,
+    method TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    model TEXT,
+    status INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    usage_source TEXT NOT NULL,
+    queue_wait REAL NOT NULL,
+    ttft REAL,
+    duration REAL NOT NULL,
+    tokens_per_second REAL,
+    cancelled INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_finished_at ON requests (finished_at);
+"""
+
+COLUMNS = (
+    "finished_at", "user", "method", "endpoint", "model", "status", "prompt_tokens", "completion_tokens",
+    "usage_source", "queue_wait", "ttft", "duration", "tokens_per_second", "cancelled",
+)
+
+INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open (and create) the ledger with its schema, in WAL mode."""
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(SCHEMA)
+    return db
+
+
+def load_totals(path: str) -> dict[str, UserTotals]:
+    """Per-user totals from the ledger; read once at startup."""
+    db = connect(path)
+    try:
+        rows = db.execute(
+            "SELECT user, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cancelled) "
+            "FROM requests GROUP BY user"
+        ).fetchall()
+    finally:
+        db.close()
+    return {user: UserTotals(n, prompt or 0, completion or 0, cancelled or 0) for user, n, prompt, completion, cancelled
+            in rows}
+
+
+def row(record: RequestRecord, finished_at: float) -> tuple[Any, ...]:
+    return (
+        finished_at, record.user, record.method, record.path, record.model, record.status, record.prompt_tokens,
+        record.completion_tokens, record.usage_source, record.queue_wait, record.ttft, record.duration,
+        record.tokens_per_second, int(record.cancelled),
+    )
+
+
+def _prepare(connection: Any) -> None:
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+
+
+class Ledger:
+    """Appends finished requests to the SQLite ledger, in batches, off the reactor thread."""
+
+    def __init__(self, path: str, clock: IReactorTime, flush_interval: float = 0.5) -> None:
+        self.path = path
+        self.clock = clock
+        self.flush_interval = flush_interval
+        self._pending: list[tuple[Any, ...]] = []
+        self._pool: Optional[adbapi.ConnectionPool] = None
+        self._loop: Optional[LoopingCall] = None
+        self._writing: Optional[Deferred[None]] = None
+        self.written = 0
+
+    def start(self) -> dict[str, UserTotals]:
+        """Create the ledger if needed, start the writer, and return the per-user totals so far."""
+        totals = load_totals(self.path)
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3", self.path, check_same_thread=False, cp_min=1, cp_max=1, cp_openfun=_prepare,
+        )
+        loop = LoopingCall(self.flush)
+        loop.clock = self.clock
+        loop.start(self.flush_interval, now=False)
+        self._loop = loop
+        return totals
+
+    def append(self, record: RequestRecord) -> None:
+        self._pending.append(row(record, self.clock.seconds()))
+
+    def flush(self) -> Deferred[None]:
+        """Write what is pending in one transaction; fires when written."""
+        if not self._pending or self._pool is None:
+            return self._writing or succeed(None)
+        batch, self._pending = self._pending, []
+
+        def write(cursor: Any) -> None:
+            cursor.executemany(INSERT, batch)
+
+        d: Deferred[None] = self._pool.runInteraction(write)
+
+        def done(_: object) -> None:
+            self.written += len(batch)
+
+        def failed(failure: Any) -> None:
+            # keep the rows for the next attempt rather than lose them
+            self._pending[:0] = batch
+            log.failure("writing {count} rows to the usage ledger {path}", failure, count=len(batch), path=self.path)
+
+        d.addCallbacks(done, failed)
+        self._writing = d
+        return d
+
+    async def stop(self) -> None:
+        """Write everything still pending, then close the database."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._writing is not None:
+            await self._writing
+        await self.flush()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None

@@ -1,0 +1,74 @@
+"""
+Prometheus collectors for C{/metrics/prometheus}, in a registry of their own.
+
+The exposition is rendered by C{prometheus_client.generate_latest} in the
+request (its own Twisted resource renders in a thread pool, which hangs
+in-memory tests and buys nothing for a page this small).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from twisted_gw.accounting import RequestRecord
+from twisted_gw.admission import Admission
+
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
+
+
+class _QueueCollector(Collector):
+    """Queue gauges read from the admission queue when scraped."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("llmgw_queue_waiting", "Requests waiting for a place", value=self.admission.waiting)
+        yield GaugeMetricFamily("llmgw_queue_active", "Requests holding a place", value=self.admission.active)
+        yield GaugeMetricFamily("llmgw_queue_limit", "Places (--max-concurrent)", value=self.admission.limit)
+
+
+class PrometheusMetrics:
+    """Counters, histograms and gauges of the gateway."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("llmgw_requests", "Finished requests", ["user"], registry=r)
+        self.prompt_tokens = Counter("llmgw_prompt_tokens", "Prompt tokens", ["user"], registry=r)
+        self.completion_tokens = Counter("llmgw_completion_tokens", "Completion tokens", ["user"], registry=r)
+        self.cancelled = Counter("llmgw_cancelled_requests", "Requests whose client left", ["user"], registry=r)
+        self.upstream_errors = Counter("llmgw_upstream_errors", "Upstream failures", ["kind"], registry=r)
+        self.queue_wait = Histogram("llmgw_queue_wait_seconds", "Time waited for a place",
+                                    buckets=SECONDS_BUCKETS, registry=r)
+        self.ttft = Histogram("llmgw_time_to_first_token_seconds", "Time to the first generated token",
+                              buckets=SECONDS_BUCKETS, registry=r)
+        self.duration = Histogram("llmgw_request_duration_seconds", "Request duration",
+                                  buckets=SECONDS_BUCKETS, registry=r)
+        self.tokens_per_second = Histogram("llmgw_generation_tokens_per_second", "Generation speed seen by clients",
+                                           buckets=TPS_BUCKETS, registry=r)
+        r.register(_QueueCollector(admission))
+
+    def observe(self, rec: RequestRecord) -> None:
+        self.requests.labels(rec.user).inc()
+        self.prompt_tokens.labels(rec.user).inc(rec.prompt_tokens)
+        self.completion_tokens.labels(rec.user).inc(rec.completion_tokens)
+        if rec.cancelled:
+            self.cancelled.labels(rec.user).inc()
+        if rec.error and rec.error.startswith("upstream_"):
+            self.upstream_errors.labels(rec.error).inc()
+        if rec.method == "POST":
+            self.queue_wait.observe(rec.queue_wait)
+        if rec.ttft is not None:
+            self.ttft.observe(rec.ttft)
+        self.duration.observe(rec.duration)
+        if rec.tokens_per_second is not None:
+            self.tokens_per_second.observe(rec.tokens_per_second)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
