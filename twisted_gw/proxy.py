@@ -386,14 +386,13 @@ class Proxy:
         def on_data(data: bytes) -> None:
             nonlocal size
             if event_stream:
-                data = strip(data) if strip is not None else data
-                request.write(data)
+                request.write(strip(data) if strip is not None else data)
                 for event in parser.feed(data):
                     ex.tracker.see_event(event)
                 self._stamp_first_token(ex)
                 return
             request.write(data)
-            if ex.first_token_at is None:
+            if ex.first_token_at is None and ex.status < 400:
                 ex.first_token_at = self.clock.seconds()
             if size <= MAX_USAGE_BODY:
                 size += len(data)
@@ -456,6 +455,7 @@ class Proxy:
         usage = ex.tracker.usage
         ttft = None if ex.first_token_at is None else ex.first_token_at - ex.started
         generating = None if ex.first_token_at is None else now - ex.first_token_at
+        speed = usage.completion_tokens / generating if generating and usage.completion_tokens else None
         record = RequestRecord(
             user=ex.user,
             method=request.method.decode("ascii", "replace"),
@@ -469,7 +469,7 @@ class Proxy:
             usage_source=usage.source,
             model=ex.model,
             ttft=ttft,
-            tokens_per_second=(usage.completion_tokens / generating) if generating and usage.completion_tokens else None,
+            tokens_per_second=speed,
             error=ex.error,
         )
         self.accounting.record(record)

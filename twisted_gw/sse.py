@@ -141,7 +141,7 @@ def usage_from_object(obj: Any) -> Optional[Usage]:
 
 
 # A chunk that carries generated text: a string "content" (chat) or "text" (completions).
-_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"')
+_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"[^"]')
 
 
 class UsageTracker:

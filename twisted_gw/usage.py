@@ -69,12 +69,14 @@ def render_table(rows: list[dict[str, Any]], by: str) -> str:
     totals = [str(sum(row[c] for row in rows)) for c in HEADERS]
     cells.append(["total", *totals])
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for r in cells:
-        if r[0] == "total":
-            lines.append("  ".join("-" * w for w in widths))
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+    def line(values: Sequence[str]) -> str:
+        # the key column left-aligned, the numbers right-aligned
+        pairs = enumerate(zip(values, widths, strict=True))
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in pairs)
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = [line(columns), rule, *(line(r) for r in cells[:-1]), rule, line(cells[-1])]
     return "\n".join(lines) + "\n"
 
 

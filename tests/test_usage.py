@@ -1,0 +1,285 @@
+"""Exact usage, the ledger and its report, Prometheus metrics, metrics protection, structured logs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+from support import ALICE, BOB, TWISTD, GatewayTestCase, chat_body, content_needle, free_port, reactor, sse_data
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.threads import deferToThread
+from twisted.web.test.requesthelper import DummyRequest
+
+from twisted_gw import usage
+from twisted_gw.errors import GatewayError
+from twisted_gw.testing import FakeLlama
+
+
+def normalised(body: bytes) -> bytes:
+    body = re.sub(rb'"id":"[^"]*"', b'"id":"X"', body)
+    return re.sub(rb'"created":\d+', b'"created":0', body)
+
+
+async def settle(seconds: float = 0.05) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+class ExactUsageTests(GatewayTestCase):
+    async def test_injected_usage_is_invisible_to_the_client(self) -> None:
+        await self.start(fake=FakeLlama(reactor, flavour="openai", cache_n=2))
+        via = await (await self.chat(stream=True)).text()
+        direct = await (await self.call("POST", "/v1/chat/completions", chat_body(True), url=self.fake.url)).text()
+        self.assertEqual(normalised(via), normalised(direct))
+        self.assertNotIn(b'"usage"', via)
+        # the upstream was asked for usage, and its numbers are what was counted
+        upstream = self.fake.generations[-2]
+        self.assertEqual(upstream.json()["stream_options"], {"include_usage": True})
+        usage_chunk = json.loads(upstream.events[-1])
+        self.assertEqual(usage_chunk["choices"], [])
+        metrics = await self.metrics()
+        self.assertEqual(metrics["users"]["alice"]["prompt_tokens"], usage_chunk["usage"]["prompt_tokens"])
+        self.assertEqual(metrics["users"]["alice"]["completion_tokens"], usage_chunk["usage"]["completion_tokens"])
+
+    async def test_client_that_asked_for_usage_gets_it_untouched(self) -> None:
+        await self.start(fake=FakeLlama(reactor, flavour="openai"))
+        body = chat_body(True, stream_options={"include_usage": True})
+        via = await (await self.call("POST", "/v1/chat/completions", body)).text()
+        direct = await (await self.call("POST", "/v1/chat/completions", body, url=self.fake.url)).text()
+        self.assertEqual(normalised(via), normalised(direct))
+        self.assertEqual(sum(1 for d in sse_data(via) if b'"usage":{' in d), 1)
+        self.assertIn(b'"usage":null', via)
+
+    async def test_llamacpp_is_never_asked_for_usage(self) -> None:
+        await self.start(fake=FakeLlama(reactor, cache_n=3))
+        via = await (await self.chat(stream=True)).text()
+        self.assertNotIn("stream_options", self.fake.generations[-1].json())
+        last = json.loads(sse_data(via)[-2])
+        self.assertIn("timings", last)  # the timings stay where the client expects them
+        metrics = await self.metrics()
+        self.assertEqual(metrics["users"]["alice"]["prompt_tokens"], last["timings"]["prompt_n"] + 3)
+
+    async def test_completions_and_non_stream_counts(self) -> None:
+        await self.start(fake=FakeLlama(reactor, flavour="openai"))
+        completions = json.dumps({"model": "m", "prompt": "one two three", "stream": True}).encode()
+        await (await self.call("POST", "/v1/completions", completions)).text()
+        doc = await (await self.chat(stream=False)).json()
+        metrics = await self.metrics()
+        self.assertEqual(metrics["users"]["alice"]["requests"], 2)
+        self.assertEqual(metrics["users"]["alice"]["completion_tokens"], 2 * len(self.fake.reply))
+        self.assertEqual(metrics["users"]["alice"]["prompt_tokens"], 7 + doc["usage"]["prompt_tokens"])
+
+
+class LedgerTests(GatewayTestCase):
+    async def test_rows_restart_and_report(self) -> None:
+        db = os.path.abspath(self.mktemp()) + ".sqlite3"
+        await self.start(fake=FakeLlama(reactor, manual=True), usage_db=db)
+        stream = await self.chat(stream=True, key=ALICE)
+        self.fake.release(len(self.fake.reply))
+        await stream.text()
+        cut = await self.chat(stream=True, key=BOB)
+        self.fake.release(2)
+        await cut.body.wait_for(content_needle(","))
+        cut.body.abort()
+        await self.fake.generations[-1].ended
+        await settle()
+        plain = Deferred.fromCoroutine(self.chat(stream=False, key=ALICE))
+        self.fake.release(len(self.fake.reply))
+        await (await plain).text()
+        await self.gw.gateway.ledger.flush()
+        rows = sqlite3.connect(db).execute(
+            "SELECT user, endpoint, model, status, prompt_tokens, completion_tokens, usage_source, ttft, cancelled "
+            "FROM requests ORDER BY id"
+        ).fetchall()
+        self.assertEqual(len(rows), 3)
+        self.assertEqual(rows[0][:7], ("alice", "/v1/chat/completions", "fake-llama", 200, 7, 8, "timings"))
+        self.assertIsNotNone(rows[0][7])
+        self.assertEqual(rows[1][0], "bob")
+        self.assertEqual((rows[1][5], rows[1][6], rows[1][8]), (2, "estimate", 1))
+        self.assertEqual(rows[2][5:7], (8, "usage"))
+        before = (await self.metrics())["users"]
+        await self.gw.stop()
+
+        # a new gateway on the same ledger starts from the same totals
+        await self.start(usage_db=db)
+        self.assertEqual((await self.metrics())["users"], before)
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(usage.main(["--db", db, "--by", "user", "--json"]), 0)
+        by_user = {row["user"]: row for row in json.loads(out.getvalue())}
+        self.assertEqual(by_user["alice"]["completion_tokens"], 16)
+        self.assertEqual(by_user["bob"], {"user": "bob", "requests": 1, "prompt_tokens": 0, "completion_tokens": 2,
+                                          "total_tokens": 2, "cancelled": 1, "estimated": 1})
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            usage.main(["--db", db, "--by", "day"])
+        table = out.getvalue().splitlines()
+        self.assertTrue(table[0].startswith("day"))
+        self.assertEqual(table[2].split()[0], time.strftime("%Y-%m-%d", time.gmtime()))
+        self.assertEqual(table[-1].split()[:2], ["total", "3"])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            usage.main(["--db", db, "--by", "model", "--csv", "--since", "2999-01-01"])
+        self.assertEqual(out.getvalue(), "model,requests,prompt_tokens,completion_tokens,total_tokens,cancelled,"
+                                         "estimated\n")
+
+
+class PrometheusTests(GatewayTestCase):
+    async def test_exposition_parses_and_counts(self) -> None:
+        await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1)
+        first = await self.chat(stream=True)
+        queued = await self.chat(stream=True, key=BOB)
+        await queued.body.wait_for(b": queue position=1")
+        reply = await self.call("GET", "/metrics/prometheus", key=None)
+        self.assertTrue((reply.header("Content-Type") or b"").startswith(b"text/plain"))
+        families = {f.name: f for f in text_string_to_metric_families((await reply.text()).decode())}
+        self.assertEqual(families["llmgw_queue_waiting"].samples[0].value, 1)
+        self.assertEqual(families["llmgw_queue_active"].samples[0].value, 1)
+        self.assertEqual(families["llmgw_queue_limit"].samples[0].value, 1)
+        self.fake.release(2 * len(self.fake.reply))
+        await first.text()
+        await queued.text()
+        await self.chat(stream=True, key="sk-alice-key", error_status=500)
+        await settle()
+        text = (await (await self.call("GET", "/metrics/prometheus", key=None)).text()).decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        self.assertEqual(samples[("llmgw_requests_total", (("user", "alice"),))], 2)
+        self.assertEqual(samples[("llmgw_completion_tokens_total", (("user", "bob"),))], 8)
+        self.assertEqual(samples[("llmgw_request_duration_seconds_count", ())], 3)
+        self.assertEqual(samples[("llmgw_queue_wait_seconds_count", ())], 3)
+        self.assertEqual(samples[("llmgw_time_to_first_token_seconds_count", ())], 2)
+        self.assertEqual(samples[("llmgw_generation_tokens_per_second_count", ())], 2)
+        self.assertEqual(samples[("llmgw_queue_waiting", ())], 0)
+
+    async def test_upstream_errors_and_cancellations_by_kind(self) -> None:
+        await self.start(upstream="http://127.0.0.1:1")
+        await (await self.chat(stream=False)).text()
+        text = (await (await self.call("GET", "/metrics/prometheus", key=None)).text()).decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        self.assertEqual(samples[("llmgw_upstream_errors_total", (("kind", "upstream_unreachable"),))], 1)
+
+
+class MetricsProtectionTests(GatewayTestCase):
+    async def test_token(self) -> None:
+        await self.start(metrics_token="m-secret")
+        for path in ("/metrics", "/metrics/prometheus"):
+            self.assertEqual((await self.call("GET", path, key=None)).code, 401)
+            self.assertEqual((await self.call("GET", path, key="wrong")).code, 401)
+            self.assertEqual((await self.call("GET", path, key=ALICE)).code, 401)
+            ok = await self.call("GET", path, key="m-secret")
+            self.assertEqual(ok.code, 200)
+            await ok.text()
+
+    async def test_loopback_only_unless_public(self) -> None:
+        await self.start()
+        app = self.gw.gateway.app
+        for client, allowed in (("10.1.2.3", False), ("127.0.0.1", True), ("::1", True), ("::ffff:127.0.0.1", True)):
+            request = DummyRequest([b"metrics"])
+            request.client = IPv4Address("TCP", client, 40000)
+            if allowed:
+                self.assertIn("queue", json.loads(app.metrics_json(request)))
+            else:
+                with self.assertRaises(GatewayError) as caught:
+                    app.metrics_json(request)
+                self.assertEqual(caught.exception.status, 403)
+        app.public_metrics = True
+        request = DummyRequest([b"metrics"])
+        request.client = IPv4Address("TCP", "10.1.2.3", 40000)
+        self.assertIn(b"llmgw_queue_limit", app.metrics_prometheus(request))
+
+
+class JsonLogTests(GatewayTestCase):
+    timeout = 60
+
+    async def test_json_lines_with_access_fields(self) -> None:
+        self.fake = FakeLlama(reactor)
+        await self.fake.start()
+        self.addCleanup(self.fake.stop)
+        workdir = self.mktemp()
+        os.makedirs(workdir)
+        with open(os.path.join(workdir, "users.json"), "w") as f:
+            json.dump({ALICE: "alice"}, f)
+        port = free_port()
+        proc = subprocess.Popen(
+            [TWISTD, "--logger=twisted_gw.logs.json_stdout", "-n", "--pidfile=", "llmgw",
+             "--listen", f"tcp:{port}:interface=127.0.0.1", "--upstream", self.fake.url],
+            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.addCleanup(proc.kill)
+        url = f"http://127.0.0.1:{port}"
+        await self.wait_until_up(url)
+        await (await self.call("POST", "/v1/chat/completions", chat_body(True), url=url)).text()
+        await (await self.call("GET", "/v1/models", key="sk-nobody", url=url)).text()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await deferToThread(proc.communicate, timeout=30)
+        events = [json.loads(line) for line in output.splitlines() if line.strip()]
+        access = [e for e in events if e.get("log_namespace") == "llmgw.access"]
+        self.assertEqual(len(access), 2, output)
+        ok, refused = access
+        for field, value in (("user", "alice"), ("method", "POST"), ("path", "/v1/chat/completions"),
+                             ("status", 200), ("prompt_tokens", 7), ("completion_tokens", 8),
+                             ("cancelled", False), ("model", "fake-llama")):
+            self.assertEqual(ok[field], value, field)
+        for field in ("queue_wait", "ttft", "duration"):
+            self.assertIsInstance(ok[field], float)
+        self.assertEqual((refused["status"], refused["user"], refused["error"]), (401, None, "invalid_api_key"))
+
+
+class KillTests(GatewayTestCase):
+    timeout = 90
+
+    async def test_sigkill_under_load_loses_at_most_the_last_second(self) -> None:
+        self.fake = FakeLlama(reactor, chunk_delay=0.005)
+        await self.fake.start()
+        self.addCleanup(self.fake.stop)
+        workdir = self.mktemp()
+        os.makedirs(workdir)
+        with open(os.path.join(workdir, "users.json"), "w") as f:
+            json.dump({ALICE: "alice"}, f)
+        port = free_port()
+        db = os.path.abspath(os.path.join(workdir, "ledger.sqlite3"))
+        proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "llmgw", "--listen", f"tcp:{port}:interface=127.0.0.1",
+             "--upstream", self.fake.url, "--max-concurrent", "4", "--usage-db", db],
+            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(proc.kill)
+        url = f"http://127.0.0.1:{port}"
+        await self.wait_until_up(url)
+        finished: list[float] = []
+        stop_at = time.time() + 3.0
+        killed: list[float] = []
+
+        async def worker(stream: bool) -> None:
+            while time.time() < stop_at and not killed:
+                try:
+                    reply = await self.call("POST", "/v1/chat/completions", chat_body(stream), url=url)
+                    await reply.text()
+                except Exception:
+                    return
+                if not killed and reply.code == 200:
+                    finished.append(time.time())
+
+        workers = [Deferred.fromCoroutine(worker(i % 2 == 0)) for i in range(6)]
+        await task.deferLater(reactor, 2.0, lambda: None)
+        killed.append(time.time())
+        os.kill(proc.pid, signal.SIGKILL)
+        await DeferredList(workers)
+        await deferToThread(proc.wait, 10)
+        rows = sqlite3.connect(db).execute("SELECT finished_at FROM requests").fetchall()
+        settled = [t for t in finished if t < killed[0] - 1.0]
+        self.assertGreater(len(settled), 20)
+        self.assertGreaterEqual(len(rows), len(settled))
+        self.assertLessEqual(len(rows), len(finished) + 6)
