@@ -1,0 +1,89 @@
+"""
+The fair queue's order, as pure logic: start-time fair queuing across users.
+
+Each request gets a virtual start tag when it arrives: the later of the
+current virtual time and the finish tag of its user's previous request; its
+finish tag is the start plus C{1 / weight}.  Requests run in order of start
+tag (ties: arrival).  So a user with twenty queued requests and a user who just
+arrived alternate; with weights 2 and 1, both saturating, the first runs twice
+as often.  Within one user the order is FIFO.  Because the order is a sort by
+tags fixed at arrival, a waiter's position is its rank in that order, and it
+only changes when somebody ahead of it leaves or a newcomer is placed ahead.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+
+import attrs
+
+
+@attrs.define(eq=False)
+class Entry:
+    """One waiting request."""
+
+    user: str
+    start: float
+    seq: int
+
+    @property
+    def key(self) -> tuple[float, int]:
+        return (self.start, self.seq)
+
+
+@attrs.define
+class FairScheduler:
+    """Waiting requests per user, handed out by start-time fair queuing."""
+
+    _waiting: list[Entry] = attrs.Factory(list)  # kept sorted by key
+    _finish: dict[str, float] = attrs.Factory(dict)
+    _virtual: float = 0.0
+    _seq: Iterator[int] = attrs.Factory(itertools.count)
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def tag(self, user: str, weight: float) -> Entry:
+        """Tags for a request of C{user}: the start it would get if it arrived now."""
+        start = max(self._virtual, self._finish.get(user, 0.0))
+        self._finish[user] = start + 1.0 / weight
+        return Entry(user, start, next(self._seq))
+
+    def admit_now(self, user: str, weight: float) -> None:
+        """A request that runs without waiting still uses its user's share."""
+        entry = self.tag(user, weight)
+        self._virtual = max(self._virtual, entry.start)
+
+    def enqueue(self, user: str, weight: float) -> Entry:
+        entry = self.tag(user, weight)
+        index = len(self._waiting)
+        while index > 0 and self._waiting[index - 1].key > entry.key:
+            index -= 1
+        self._waiting.insert(index, entry)
+        return entry
+
+    def remove(self, entry: Entry) -> None:
+        """A waiter left (cancelled, timed out); its share is given back if it was its user's last."""
+        self._waiting.remove(entry)
+        if self._finish.get(entry.user) is not None and not self.waiting_of(entry.user):
+            self._finish[entry.user] = max(self._virtual, entry.start)
+
+    def pop_next(self, can_run: Callable[[str], bool] = lambda user: True) -> Entry | None:
+        """The next request to run, skipping users that may not run more now."""
+        for index, entry in enumerate(self._waiting):
+            if can_run(entry.user):
+                del self._waiting[index]
+                self._virtual = max(self._virtual, entry.start)
+                return entry
+        return None
+
+    def waiting_of(self, user: str) -> int:
+        return sum(1 for e in self._waiting if e.user == user)
+
+    def order(self) -> list[Entry]:
+        """The waiters in the order they will run (barring per-user limits)."""
+        return list(self._waiting)
+
+    def users_waiting(self) -> list[str]:
+        return [e.user for e in self._waiting]
