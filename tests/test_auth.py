@@ -10,7 +10,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from twisted_gw.auth import UsersFile, UsersFileError, parse_users
+from twisted_gw.auth import UserSettings, UsersFile, UsersFileError, parse_users
 
 
 def run_now(f, *args):  # type: ignore[no-untyped-def]
@@ -35,6 +35,17 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(users.lookup("sk-hashed"), "alice")
         self.assertIsNone(users.lookup(f"sha256:{digest}"))
 
+    def test_settings(self) -> None:
+        doc = {"users": {
+            "alice": {"keys": ["sk-a"], "weight": 2, "max_concurrent": 1, "max_queued": 0,
+                      "tokens_per_minute": 1000, "tokens_per_day": 200000},
+            "bob": {"keys": ["sk-b"]},
+        }}
+        users = parse_users(json.dumps(doc).encode())
+        self.assertEqual(users.settings_of("alice"), UserSettings(2.0, 1, 0, 1000, 200000))
+        self.assertEqual(users.settings_of("bob"), UserSettings())
+        self.assertEqual(users.settings_of("nobody"), UserSettings())
+
     def test_only_digests_are_kept(self) -> None:
         users = parse_users(b'{"sk-secret-value": "alice"}')
         self.assertNotIn(b"sk-secret-value", repr(users).encode())
@@ -44,7 +55,11 @@ class ParseTests(SynchronousTestCase):
             b"{": "not valid JSON",
             b"[]": "top level",
             b'{"sk-a": 5}': "user name",
-            b'{"users": {"al": {"keys": "sk-a"}}}': "keys must be a list",
+            b'{"users": {"al": {"keys": "sk-a"}}}': "user 'al': field 'keys' must be a list",
+            b'{"users": {"al": {"keys": [], "weight": 0}}}': "user 'al': field 'weight' must be a positive number",
+            b'{"users": {"al": {"keys": [], "max_concurrent": "2"}}}': "field 'max_concurrent' must be a whole",
+            b'{"users": {"al": {"keys": [], "tokens_per_day": 1.5}}}': "field 'tokens_per_day'",
+            b'{"users": {"al": {"keys": [], "colour": "red"}}}': "user 'al': unknown field 'colour'",
             b'{"users": {"al": {"keys": ["sha256:zz"]}}}': "not hex",
             b'{"users": {"al": {"keys": ["sk-1"]}, "bo": {"keys": ["sk-1"]}}}': "both",
         }

@@ -39,10 +39,54 @@ def key_digest(key: str) -> bytes:
 
 
 @attrs.frozen
+class UserSettings:
+    """A user's share and limits; L{None} means the gateway-wide default."""
+
+    weight: float = 1.0
+    max_concurrent: Optional[int] = None
+    max_queued: Optional[int] = None
+    tokens_per_minute: Optional[int] = None
+    tokens_per_day: Optional[int] = None
+
+
+# field name -> (type check, description) for the rich users file
+SETTING_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "weight": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e6,
+               "a positive number"),
+    "max_concurrent": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
+    "max_queued": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
+    "tokens_per_minute": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                          "a whole number >= 1"),
+    "tokens_per_day": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
+}
+
+
+def parse_settings(user: str, raw: dict[str, Any]) -> UserSettings:
+    """A user's settings from the rich users file, each field checked."""
+    values: dict[str, Any] = {}
+    for field, value in raw.items():
+        if field == "keys":
+            continue
+        if field not in SETTING_FIELDS:
+            raise UsersFileError(f"user {user!r}: unknown field {field!r} (known: keys, {', '.join(SETTING_FIELDS)})")
+        check, description = SETTING_FIELDS[field]
+        if value is None:
+            continue
+        if not check(value):
+            raise UsersFileError(f"user {user!r}: field {field!r} must be {description}, not {value!r}")
+        values[field] = float(value) if field == "weight" else value
+    return UserSettings(**values)
+
+
+@attrs.frozen
 class UserSet:
-    """An immutable set of (key digest, user name) pairs."""
+    """An immutable set of (key digest, user name) pairs, and each user's settings."""
 
     entries: tuple[tuple[bytes, str], ...] = ()
+    settings: dict[str, UserSettings] = attrs.field(factory=dict, hash=False)
+
+    def settings_of(self, user: str) -> UserSettings:
+        return self.settings.get(user, UserSettings())
 
     @property
     def users(self) -> frozenset[str]:
@@ -81,6 +125,7 @@ def parse_users(data: bytes) -> UserSet:
     if not isinstance(doc, dict):
         raise UsersFileError("the top level must be a JSON object")
     pairs: list[tuple[bytes, str]] = []
+    settings_by_user: dict[str, UserSettings] = {}
     if isinstance(doc.get("users"), dict):
         for user, settings in doc["users"].items():
             if not user:
@@ -89,8 +134,9 @@ def parse_users(data: bytes) -> UserSet:
                 raise UsersFileError(f"user {user!r}: settings must be an object")
             keys = settings.get("keys", [])
             if not isinstance(keys, list):
-                raise UsersFileError(f"user {user!r}: keys must be a list")
+                raise UsersFileError(f"user {user!r}: field 'keys' must be a list")
             pairs.extend((_parse_key(user, k), user) for k in keys)
+            settings_by_user[user] = parse_settings(user, settings)
     else:
         for key, user in doc.items():
             if not isinstance(user, str) or not user:
@@ -100,7 +146,7 @@ def parse_users(data: bytes) -> UserSet:
     for digest, user in pairs:
         if owners.setdefault(digest, user) != user:
             raise UsersFileError(f"one key is given to both {owners[digest]!r} and {user!r}")
-    return UserSet(tuple(owners.items()))
+    return UserSet(tuple(owners.items()), settings_by_user)
 
 
 def _signature(st: os.stat_result) -> tuple[int, int, int]:

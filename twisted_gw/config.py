@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import Optional
 from urllib.parse import urlsplit
 
 import attrs
@@ -42,6 +43,21 @@ def _positive_float(name: str) -> Callable[[str], float]:
         if not value > 0 or value == float("inf"):
             raise ConfigError(f"{name} must be a positive number of seconds, not {text!r}")
         return value
+
+    return parse
+
+
+def _optional_limit(name: str) -> Callable[[str], Optional[int]]:
+    """A whole number where 0 (the default) means no limit."""
+
+    def parse(text: str) -> Optional[int]:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number (0 for no limit), not {text!r}") from None
+        if value < 0:
+            raise ConfigError(f"{name} must be 0 (no limit) or more, not {value}")
+        return value or None
 
     return parse
 
@@ -139,6 +155,18 @@ SETTINGS: tuple[Setting, ...] = (
             "When set, /metrics and /metrics/prometheus require 'Authorization: Bearer <token>'. "
             "When unset, they answer loopback clients only, unless --public-metrics.",
             str, "metrics_token"),
+    Setting("user-max-concurrent", "USER_MAX_CONCURRENT", "0",
+            "Default for users without their own max_concurrent: places one user may hold at once (0: no limit).",
+            _optional_limit("user-max-concurrent"), "user_max_concurrent"),
+    Setting("user-max-queued", "USER_MAX_QUEUED", "0",
+            "Default max_queued: requests one user may have waiting (0: no limit beyond --max-queue).",
+            _optional_limit("user-max-queued"), "user_max_queued"),
+    Setting("user-tokens-per-minute", "USER_TOKENS_PER_MINUTE", "0",
+            "Default tokens_per_minute quota per user, prompt + completion (0: none).",
+            _optional_limit("user-tokens-per-minute"), "user_tokens_per_minute"),
+    Setting("user-tokens-per-day", "USER_TOKENS_PER_DAY", "0",
+            "Default tokens_per_day quota per user (UTC day), prompt + completion (0: none).",
+            _optional_limit("user-tokens-per-day"), "user_tokens_per_day"),
     Setting("users-poll-interval", "USERS_POLL_INTERVAL", "2",
             "Seconds between checks of the users file for changes.",
             _positive_float("users-poll-interval"), "users_poll_interval"),
@@ -166,6 +194,10 @@ class Config:
     usage_db: str = "llmgw-usage.sqlite3"
     metrics_token: str = ""
     public_metrics: bool = False
+    user_max_concurrent: Optional[int] = None
+    user_max_queued: Optional[int] = None
+    user_tokens_per_minute: Optional[int] = None
+    user_tokens_per_day: Optional[int] = None
 
 
 LISTEN_ENV = "LISTEN"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted_gw.accounting import WINDOW_1M, WINDOW_5M, Accounting
+from twisted_gw.accounting import WINDOW_1M, WINDOW_5M, Accounting, UserTotals
 from twisted_gw.admission import Admission
+from twisted_gw.auth import UserSettings
+from twisted_gw.quota import Quotas
 
 
 def snapshot(admission: Admission, accounting: Accounting) -> dict[str, Any]:
@@ -47,5 +49,34 @@ def snapshot(admission: Admission, accounting: Accounting) -> dict[str, Any]:
                 "cancelled": user.cancelled,
             }
             for name, user in sorted(accounting.users.items())
+        },
+    }
+
+
+def me_document(
+    user: str, settings: UserSettings, accounting: Accounting, admission: Admission, quotas: Quotas
+) -> dict[str, Any]:
+    """C{GET /v1/gateway/me}: the caller's own usage, quotas, limits and queue places."""
+    totals = accounting.users.get(user, UserTotals())
+    return {
+        "user": user,
+        "usage": {
+            "requests": totals.requests,
+            "prompt_tokens": totals.prompt_tokens,
+            "completion_tokens": totals.completion_tokens,
+            "cancelled": totals.cancelled,
+        },
+        "quota": {
+            w.name: {"limit": w.limit, "used": w.used, "remaining": w.remaining, "reset_s": round(w.reset, 3)}
+            for w in quotas.windows(user, settings)
+        },
+        "limits": {
+            "weight": settings.weight,
+            "max_concurrent": settings.max_concurrent,
+            "max_queued": settings.max_queued,
+        },
+        "queue": {
+            "running": admission.running_of(user),
+            "positions": admission.positions_of(user),
         },
     }

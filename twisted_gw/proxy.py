@@ -29,6 +29,7 @@ from twisted_gw import sse
 from twisted_gw.accounting import Accounting, RequestRecord
 from twisted_gw.admission import Admission, QueueFull, QueueTimeout, ShuttingDown, Ticket
 from twisted_gw.assemble import ASSEMBLED_PATHS, Assembler, as_stream_request, with_usage_requested
+from twisted_gw.auth import UserSettings
 from twisted_gw.checks import (
     GATEWAY_USER_HEADER,
     HOP_BY_HOP,
@@ -40,6 +41,7 @@ from twisted_gw.checks import (
     inspect_body,
 )
 from twisted_gw.errors import GatewayError, bad_gateway, error_document, gateway_timeout, unavailable
+from twisted_gw.quota import Quotas
 from twisted_gw.upstream import Upstream, stream_body
 
 log = Logger(namespace="llmgw.access")
@@ -134,6 +136,8 @@ class Proxy:
     idle_timeout: float = 300.0
     assemble_non_stream: str = "auto"
     sinks: list[Callable[[RequestRecord], None]] = attrs.Factory(list)
+    settings_for: Callable[[str], UserSettings] = lambda user: UserSettings()
+    quotas: Optional[Quotas] = None
     active: set[Exchange] = attrs.Factory(set)
     _idle: list[Deferred[None]] = attrs.Factory(list)
 
@@ -143,11 +147,14 @@ class Proxy:
         body = request.content.read() if request.content is not None else b""
         info = inspect_body(body, request.getHeader(b"content-type"))
         ex = Exchange(request, user, self.clock.seconds(), stream=info.stream, model=info.model)
+        settings = self.settings_for(user)
         ticket: Optional[Ticket] = None
         self.active.add(ex)
         try:
+            if self.quotas is not None:
+                self._check_quota(ex, settings)
             if request.method == b"POST":
-                ticket = await self._admit(ex)
+                ticket = await self._admit(ex, settings)
             await self._forward(ex, uri, body, info)
         except CancelledError:
             ex.cancelled = True
@@ -180,11 +187,32 @@ class Proxy:
             ex.request.loseConnection()
         log.warn("{user}: {error}", user=ex.user, error=e)
 
-    async def _admit(self, ex: Exchange) -> Ticket:
+    def _check_quota(self, ex: Exchange, settings: UserSettings) -> None:
+        """Rate-limit headers on every response of a user with a quota; 429 when it is used up."""
+        assert self.quotas is not None
+        for name, value in self.quotas.headers(ex.user, settings).items():
+            ex.request.setHeader(name, value)
+        spent = self.quotas.exceeded(ex.user, settings)
+        if spent is not None and ex.request.method == b"POST":
+            raise GatewayError(
+                429, f"Token quota used up: {spent.used} of {spent.limit} {spent.name.replace('_', ' ')}.",
+                "rate_limit_error", "rate_limit_exceeded",
+                {b"Retry-After": str(max(1, math.ceil(spent.retry_after))).encode()},
+            )
+
+    async def _admit(self, ex: Exchange, settings: UserSettings) -> Ticket:
         on_position = (lambda n: self._queued(ex, n)) if ex.stream else None
         try:
-            ticket = await self.admission.acquire(on_position)
-        except QueueFull:
+            ticket = await self.admission.acquire(
+                on_position, user=ex.user, weight=settings.weight,
+                max_concurrent=settings.max_concurrent, max_queued=settings.max_queued,
+            )
+        except QueueFull as e:
+            if e.per_user:
+                raise GatewayError(
+                    429, "You already have as many requests waiting as you may; retry later.",
+                    "rate_limit_error", "user_queue_full", {b"Retry-After": str(self._retry_after()).encode()},
+                ) from None
             raise GatewayError(
                 429, "The queue is full; retry later.", "rate_limit_error", "queue_full",
                 {b"Retry-After": str(self._retry_after()).encode()},

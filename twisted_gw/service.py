@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -11,12 +11,13 @@ from twisted.internet.defer import Deferred
 
 from twisted_gw.accounting import Accounting
 from twisted_gw.admission import Admission
-from twisted_gw.auth import UsersFile
+from twisted_gw.auth import UserSettings, UsersFile
 from twisted_gw.config import Config
 from twisted_gw.ledger import Ledger
-from twisted_gw.metrics import snapshot
+from twisted_gw.metrics import me_document, snapshot
 from twisted_gw.prometheus import PrometheusMetrics
 from twisted_gw.proxy import Proxy
+from twisted_gw.quota import Quotas
 from twisted_gw.upstream import Upstream
 from twisted_gw.web import GatewayApp, GatewaySite
 
@@ -37,8 +38,11 @@ class Gateway(Service):
             upstream_timeout=config.upstream_timeout, idle_timeout=config.idle_timeout,
             assemble_non_stream=config.assemble_non_stream,
         )
+        self.quotas = Quotas(reactor)
+        self.proxy.quotas = self.quotas
+        self.proxy.settings_for = self.settings_for
         self.prometheus = PrometheusMetrics(self.admission)
-        self.proxy.sinks.append(self.prometheus.observe)
+        self.proxy.sinks.extend([self.prometheus.observe, self.quotas.record])
         self.ledger = Ledger(config.usage_db, reactor) if ledger_enabled(config.usage_db) else None
         if self.ledger is not None:
             self.proxy.sinks.append(self.ledger.append)
@@ -47,6 +51,7 @@ class Gateway(Service):
             lambda key: self.users.current.lookup(key),
             lambda: snapshot(self.admission, self.accounting),
             self.prometheus.render,
+            lambda user: me_document(user, self.settings_for(user), self.accounting, self.admission, self.quotas),
             metrics_token=config.metrics_token,
             public_metrics=config.public_metrics,
         )
@@ -58,6 +63,23 @@ class Gateway(Service):
         self.users.start()
         if self.ledger is not None:
             self.accounting.restore(self.ledger.start())
+            self.quotas.restore_today(self.ledger.used_since(self.quotas.day_start()))
+
+    def settings_for(self, user: str) -> UserSettings:
+        """The user's own settings, with the gateway-wide defaults where it has none."""
+        own = self.users.current.settings_of(user)
+        config = self.config
+
+        def pick(mine: Optional[int], default: Optional[int]) -> Optional[int]:
+            return mine if mine is not None else default
+
+        return UserSettings(
+            weight=own.weight,
+            max_concurrent=pick(own.max_concurrent, config.user_max_concurrent),
+            max_queued=pick(own.max_queued, config.user_max_queued),
+            tokens_per_minute=pick(own.tokens_per_minute, config.user_tokens_per_minute),
+            tokens_per_day=pick(own.tokens_per_day, config.user_tokens_per_day),
+        )
 
     def stopService(self) -> Deferred[None]:
         """

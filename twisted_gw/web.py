@@ -62,6 +62,7 @@ class GatewayApp:
     lookup_user: Callable[[str], Optional[str]]
     metrics: Callable[[], dict[str, Any]]
     prometheus: Callable[[], bytes] = lambda: b""
+    me: Callable[[str], dict[str, Any]] = lambda user: {"user": user}
     metrics_token: str = ""
     public_metrics: bool = False
     app: Klein = attrs.field(init=False, factory=Klein)
@@ -119,6 +120,13 @@ class GatewayApp:
             user = self.lookup_user(key)
             if user is None:
                 raise unauthorized("Incorrect API key provided.")
+            if request.path == b"/v1/gateway/me":
+                if request.method not in (b"GET", b"HEAD"):
+                    raise GatewayError(405, "Use GET.", "invalid_request_error", "method_not_allowed",
+                                       {b"Allow": b"GET, HEAD"})
+                request.setHeader(b"Cache-Control", b"no-store")
+                request.write(_json(request, 200, self.me(user)))
+                return
             await self.proxy.handle(request, user)
         except GatewayError as e:
             if not e.accounted:
