@@ -131,7 +131,7 @@ class GatewayTestCase(unittest.TestCase):
         self.agent = Agent(reactor, pool=self.pool)
         self.addCleanup(self.pool.closeCachedConnections)
 
-    async def start(self, fake: Optional[FakeLlama] = None, users: Optional[dict[str, str]] = None,
+    async def start(self, fake: Optional[FakeLlama] = None, users: Optional[dict[str, Any]] = None,
                     **config: Any) -> None:
         self.fake = fake or FakeLlama(reactor)
         await self.fake.start()
