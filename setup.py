@@ -24,6 +24,7 @@ setup(
             "pytest>=8.0",
             "hypothesis>=6.100",
             "openai>=1.40",
+            "httpx>=0.27",
         ],
         "dev": [
             "ruff>=0.6",
