@@ -160,6 +160,18 @@ class GatewayTestCase(unittest.TestCase):
         response.deliverBody(collector)
         return Reply(response, collector)
 
+    async def prepare_subprocess(self, fake: FakeLlama, users: Optional[dict[str, Any]] = None) -> tuple[str, int]:
+        """Start C{fake}; make a working directory (with a users file unless C{users} is C{{}}) and pick a port."""
+        self.fake = fake
+        await fake.start()
+        self.addCleanup(fake.stop)
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        if users != {}:
+            with open(os.path.join(workdir, "users.json"), "w") as f:
+                json.dump(KEYS if users is None else users, f)
+        return workdir, free_port()
+
     async def wait_until_up(self, url: str, seconds: float = 45.0) -> None:
         """Poll C{url}/health until a (subprocess) gateway answers."""
         deadline = reactor.seconds() + seconds

@@ -308,6 +308,9 @@ class CancellationTests(GatewayTestCase):
         metrics = await self.metrics()
         self.assertEqual(metrics["queue"]["active"], 0)
         self.assertEqual(metrics["users"]["alice"]["requests"], 1)
+        # the three tokens relayed before the client left are billed (an estimate: no usage came)
+        self.assertEqual(metrics["users"]["alice"]["completion_tokens"], 3)
+        self.assertEqual(metrics["users"]["alice"]["cancelled"], 1)
 
     async def test_client_leaving_the_queue_is_never_run(self) -> None:
         await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1)

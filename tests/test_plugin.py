@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 
-from support import ALICE, TWISTD, GatewayTestCase, chat_body, free_port, reactor
+from support import ALICE, TWISTD, GatewayTestCase, chat_body, reactor
 from twisted.internet import task
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -44,12 +44,7 @@ class SubprocessGatewayTests(GatewayTestCase):
     timeout = 60
 
     async def test_twistd_llmgw_serves_in_front_of_the_fake(self) -> None:
-        self.fake = FakeLlama(reactor)
-        await self.fake.start()
-        self.addCleanup(self.fake.stop)
-        workdir = self.mktemp()
-        os.makedirs(workdir)
-        port = free_port()
+        workdir, port = await self.prepare_subprocess(FakeLlama(reactor), users={})
         # no users file in the working directory: starts, warns, nobody gets in
         proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "llmgw", "--listen", f"tcp:{port}:interface=127.0.0.1"],

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 
-from support import ALICE, BOB, TWISTD, GatewayTestCase, chat_body, content_needle, free_port, reactor, sse_data
+from support import BOB, TWISTD, GatewayTestCase, chat_body, content_needle, reactor, sse_data
 from twisted.internet import error, task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -72,14 +71,8 @@ class SigtermTests(GatewayTestCase):
     timeout = 60
 
     async def test_sigterm_mid_stream(self) -> None:
-        self.fake = FakeLlama(reactor, chunk_delay=0.15, reply=tuple(f" t{i}" for i in range(16)))
-        await self.fake.start()
-        self.addCleanup(self.fake.stop)
-        workdir = self.mktemp()
-        os.makedirs(workdir)
-        with open(os.path.join(workdir, "users.json"), "w") as f:
-            json.dump({ALICE: "alice", BOB: "bob"}, f)
-        port = free_port()
+        fake = FakeLlama(reactor, chunk_delay=0.15, reply=tuple(f" t{i}" for i in range(16)))
+        workdir, port = await self.prepare_subprocess(fake)
         proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "llmgw", "--listen", f"tcp:{port}:interface=127.0.0.1",
              "--upstream", self.fake.url, "--drain-timeout", "20"],

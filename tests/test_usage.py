@@ -13,7 +13,7 @@ import subprocess
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
-from support import ALICE, BOB, TWISTD, GatewayTestCase, chat_body, content_needle, free_port, reactor, sse_data
+from support import ALICE, BOB, TWISTD, GatewayTestCase, chat_body, content_needle, reactor, sse_data
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList
@@ -204,14 +204,7 @@ class JsonLogTests(GatewayTestCase):
     timeout = 60
 
     async def test_json_lines_with_access_fields(self) -> None:
-        self.fake = FakeLlama(reactor)
-        await self.fake.start()
-        self.addCleanup(self.fake.stop)
-        workdir = self.mktemp()
-        os.makedirs(workdir)
-        with open(os.path.join(workdir, "users.json"), "w") as f:
-            json.dump({ALICE: "alice"}, f)
-        port = free_port()
+        workdir, port = await self.prepare_subprocess(FakeLlama(reactor))
         proc = subprocess.Popen(
             [TWISTD, "--logger=twisted_gw.logs.json_stdout", "-n", "--pidfile=", "llmgw",
              "--listen", f"tcp:{port}:interface=127.0.0.1", "--upstream", self.fake.url],
@@ -241,14 +234,7 @@ class KillTests(GatewayTestCase):
     timeout = 90
 
     async def test_sigkill_under_load_loses_at_most_the_last_second(self) -> None:
-        self.fake = FakeLlama(reactor, chunk_delay=0.005)
-        await self.fake.start()
-        self.addCleanup(self.fake.stop)
-        workdir = self.mktemp()
-        os.makedirs(workdir)
-        with open(os.path.join(workdir, "users.json"), "w") as f:
-            json.dump({ALICE: "alice"}, f)
-        port = free_port()
+        workdir, port = await self.prepare_subprocess(FakeLlama(reactor, chunk_delay=0.005))
         db = os.path.abspath(os.path.join(workdir, "ledger.sqlite3"))
         proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "llmgw", "--listen", f"tcp:{port}:interface=127.0.0.1",
