@@ -19,6 +19,11 @@ setup(
         "attrs>=23.1.0",
         "prometheus_client>=0.20.0",
     ],
+    entry_points={
+        "console_scripts": [
+            "llmgw-keys = twisted_gw.keys:main",
+        ],
+    },
     extras_require={
         "test": [
             "pytest>=8.0",
