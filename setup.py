@@ -22,6 +22,7 @@ setup(
     entry_points={
         "console_scripts": [
             "llmgw-keys = twisted_gw.keys:main",
+            "llmgw-tls = twisted_gw.tlsgen:main",
         ],
     },
     extras_require={
@@ -30,6 +31,8 @@ setup(
             "hypothesis>=6.100",
             "openai>=1.40",
             "httpx>=0.27",
+            "trustme>=1.1",
+            "pyyaml>=6.0",
         ],
         "dev": [
             "ruff>=0.6",

@@ -62,6 +62,15 @@ def _optional_limit(name: str) -> Callable[[str], Optional[int]]:
     return parse
 
 
+def _readable_file_or_empty(name: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text and not os.path.isfile(text):
+            raise ConfigError(f"{name}: no such file: {text!r}")
+        return text
+
+    return parse
+
+
 def _upstream_url(text: str) -> str:
     parts = urlsplit(text.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -110,6 +119,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream", "UPSTREAM_URL", "http://127.0.0.1:8080",
             "Base URL of the OpenAI-compatible upstream (llama.cpp server).",
             _upstream_url, "upstream"),
+    Setting("upstream-api-key", "UPSTREAM_API_KEY", "",
+            "Bearer key the upstream itself requires (llama.cpp --api-key); clients' keys are never forwarded.",
+            str, "upstream_api_key"),
+    Setting("upstream-ca", "UPSTREAM_CA", "",
+            "PEM file of the CA(s) that sign an https:// upstream's certificate (a private CA); "
+            "empty: the system's trust store. The host name is always verified.",
+            _readable_file_or_empty("upstream-ca"), "upstream_ca"),
     Setting("max-concurrent", "MAX_CONCURRENT", "1",
             "Generation requests (POST) sent to the upstream at once; the rest queue.",
             _positive_int("max-concurrent"), "max_concurrent"),
@@ -179,6 +195,8 @@ class Config:
 
     listen: tuple[str, ...] = ("tcp:8000",)
     upstream: str = "http://127.0.0.1:8080"
+    upstream_api_key: str = ""
+    upstream_ca: str = ""
     max_concurrent: int = 1
     users_file: str = "users.json"
     queue_events: str = "comment"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 
 from twisted_gw.accounting import Accounting
@@ -18,6 +19,7 @@ from twisted_gw.metrics import me_document, snapshot
 from twisted_gw.prometheus import PrometheusMetrics
 from twisted_gw.proxy import Proxy
 from twisted_gw.quota import Quotas
+from twisted_gw.tls import ReloadingContextFactory, server_endpoint
 from twisted_gw.upstream import Upstream
 from twisted_gw.web import GatewayApp, GatewaySite
 
@@ -28,10 +30,15 @@ class Gateway(Service):
     def __init__(self, config: Config, reactor: Any) -> None:
         self.config = config
         self.reactor = reactor
+        self.tls_contexts: list[ReloadingContextFactory] = []
+        self._previous_sighup: Any = None
         self.users = UsersFile(config.users_file, reactor, config.users_poll_interval)
         self.admission = Admission(config.max_concurrent, reactor, config.max_queue, config.queue_timeout)
         self.accounting = Accounting(reactor)
-        self.upstream = Upstream(reactor, config.upstream, max_connections=config.max_concurrent + 8)
+        self.upstream = Upstream(
+            reactor, config.upstream, max_connections=config.max_concurrent + 8,
+            api_key=config.upstream_api_key, ca_file=config.upstream_ca or None,
+        )
         self.proxy = Proxy(
             self.upstream, self.admission, self.accounting, reactor,
             queue_events=config.queue_events, keepalive_interval=config.keepalive_interval,
@@ -57,8 +64,17 @@ class Gateway(Service):
         )
         self.site = GatewaySite(self.app.resource(), max_body=config.max_body)
 
+    def reload_tls(self) -> None:
+        """Read every TLS listener's certificate and key again (SIGHUP)."""
+        for factory in self.tls_contexts:
+            factory.reload()
+
     def startService(self) -> None:
         super().startService()
+        if self.tls_contexts and threading.current_thread() is threading.main_thread():
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload_tls)
+            )
         self.users.load_now()
         self.users.start()
         if self.ledger is not None:
@@ -87,6 +103,9 @@ class Gateway(Service):
         queue is answered 503, running requests get C{drain_timeout} seconds.
         """
         super().stopService()
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         self.users.stop()
         return Deferred.fromCoroutine(self._drain())
 
@@ -112,6 +131,8 @@ def makeService(config: Config, reactor: Any = None) -> MultiService:
     gateway.setName("gateway")
     gateway.setServiceParent(top)
     for description in config.listen:
-        endpoint = endpoints.serverFromString(reactor, description)
+        endpoint, tls = server_endpoint(reactor, description)
+        if tls is not None:
+            gateway.tls_contexts.append(tls)
         StreamServerEndpointService(endpoint, gateway.site).setServiceParent(top)
     return top

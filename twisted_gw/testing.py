@@ -85,6 +85,7 @@ class FakeLlama:
     die_after: Optional[int] = None
     slots: int = 1
     has_props: bool = True
+    scheme: str = "http"
     flavour: str = "llamacpp"
     requests: list[Recorded] = attrs.Factory(list)
     _permits: list[Deferred[None]] = attrs.Factory(list)
@@ -92,8 +93,12 @@ class FakeLlama:
     _port: Optional[IListeningPort] = None
     _arrivals: list[tuple[Optional[bytes], Deferred[Recorded]]] = attrs.Factory(list)
 
-    async def start(self) -> str:
-        endpoint = endpoints.TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+    async def start(self, tls: Any = None) -> str:
+        """Listen on 127.0.0.1 (over TLS with the C{IOpenSSLContextFactory} C{tls}); the base URL."""
+        endpoint: Any = endpoints.TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+        if tls is not None:
+            endpoint = endpoints.SSL4ServerEndpoint(self.reactor, 0, tls, interface="127.0.0.1")
+            self.scheme = "https"
         site = server.Site(_FakeResource(self))
         site.noisy = False
         self._port = await endpoint.listen(site)
@@ -102,7 +107,7 @@ class FakeLlama:
     @property
     def url(self) -> str:
         assert self._port is not None
-        return _url(self._port)
+        return _url(self._port).replace("http:", f"{self.scheme}:")
 
     async def stop(self) -> None:
         if self._port is not None:

@@ -21,9 +21,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer, IReactorTCP
 from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
+    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     RequestNotSent,
     RequestTransmissionFailed,
@@ -63,6 +65,25 @@ class BytesProducer:
         pass
 
 
+def tls_policy(ca_file: Optional[str]) -> BrowserLikePolicyForHTTPS:
+    """
+    How https:// upstreams are verified: the chain against the system's trust
+    store, or against C{ca_file} (PEM, one or more certificates) for a private
+    CA; the host name always, by service_identity.
+    """
+    if ca_file is None:
+        return BrowserLikePolicyForHTTPS()
+    with open(ca_file, "rb") as f:
+        pem = f.read()
+    certificates = [
+        Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + block)
+        for block in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
+    ]
+    if not certificates:
+        raise ValueError(f"no certificate in {ca_file}")
+    return BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(certificates))
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # no log line for every pooled connection opened and closed
 
@@ -93,13 +114,21 @@ def _stale_connection(e: Exception) -> bool:
 class Upstream:
     """Requests to one upstream base URL over a shared connection pool."""
 
-    def __init__(self, reactor: IReactorTCP, base_url: str, max_connections: int = 8) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        base_url: str,
+        max_connections: int = 8,
+        api_key: str = "",
+        ca_file: Optional[str] = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
         self.pool = _Pool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections
         self.pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
         self.pool._factory = _QuietClientFactory
-        self.agent = Agent(reactor, pool=self.pool)
+        self.agent = Agent(reactor, contextFactory=tls_policy(ca_file), pool=self.pool)
         self.retries = 0
         self._llamacpp: Optional[bool] = None
 
@@ -120,6 +149,9 @@ class Upstream:
 
     async def _request(self, method: bytes, uri: bytes, headers: Headers, body: Optional[bytes]) -> IResponse:
         url = self.url(uri)
+        if self.api_key:
+            # the upstream's own key (llama.cpp --api-key); never the client's
+            headers.setRawHeaders(b"Authorization", [b"Bearer " + self.api_key.encode("utf-8")])
         d = self.agent.request(method, url, headers, BytesProducer(body) if body else None)
         reused = self.pool.reused
         try:
