@@ -8,10 +8,21 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
 from typing import Any
 
 import trustme
-from support import ALICE, KEYS, Collector, chat_body, content_needle, reactor
+from support import (
+    ALICE,
+    KEYS,
+    TWISTD,
+    Collector,
+    GatewayTestCase,
+    chat_body,
+    content_needle,
+    free_port,
+    reactor,
+)
 from twisted.internet import task
 from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair
 from twisted.internet.threads import deferToThread
@@ -199,3 +210,53 @@ class TLSTests(TestCase):
             cert = f.read()
         code, _ = await self.get(self.agent(cert), f"https://localhost:{port}/health")
         self.assertEqual(code, 200)
+
+
+class TwistdTLSTests(GatewayTestCase):
+    timeout = 60
+
+    async def test_tcp_and_ssl_listeners_and_sighup_in_twistd(self) -> None:
+        workdir, port = await self.prepare_subprocess(FakeLlama(reactor))
+        tls_port = free_port()
+        old_ca, new_ca = trustme.CA(), trustme.CA()
+        key, cert = os.path.join(workdir, "key.pem"), os.path.join(workdir, "cert.pem")
+
+        def install(ca: trustme.CA) -> None:
+            leaf = ca.issue_cert("localhost")
+            write(key, leaf.private_key_pem.bytes())
+            write(cert, b"".join(b.bytes() for b in leaf.cert_chain_pems))
+
+        install(old_ca)
+        proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "llmgw", "--upstream", self.fake.url, "--usage-db", "none",
+             "--listen", f"tcp:{port}:interface=127.0.0.1",
+             "--listen", f"ssl:{tls_port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"],
+            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.addCleanup(proc.kill)
+        await self.wait_until_up(f"http://127.0.0.1:{port}")
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+
+        async def health(ca: trustme.CA) -> int:
+            policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(ca.cert_pem.bytes()))
+            response = await Agent(reactor, contextFactory=policy, pool=pool).request(
+                b"GET", f"https://localhost:{tls_port}/health".encode())
+            body = Collector()
+            response.deliverBody(body)
+            await body.done
+            return response.code
+
+        self.assertEqual(await health(old_ca), 200)
+        install(new_ca)
+        proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            try:
+                if await health(new_ca) == 200:
+                    break
+            except ResponseFailed:
+                await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(await health(new_ca), 200)
+        proc.terminate()
+        output, _ = await deferToThread(proc.communicate, timeout=30)
+        self.assertIn("TLS certificate reloaded", output)
