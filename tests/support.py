@@ -141,6 +141,7 @@ class GatewayTestCase(unittest.TestCase):
             json.dump(KEYS if users is None else users, f)
         config.setdefault("upstream", self.fake.url)
         config.setdefault("usage_db", os.path.abspath(self.mktemp()) + ".sqlite3")
+        config.setdefault("upstream_check_interval", 0)  # no background requests unless a test wants them
         self.config = Config(users_file=self.users_path, **config)
         self.gw = await start_gateway(reactor, self.config)
         self.addCleanup(self.gw.stop)

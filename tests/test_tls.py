@@ -70,6 +70,7 @@ class TLSTests(TestCase):
             await self.fake.start()
             self.addCleanup(self.fake.stop)
         config.setdefault("upstream", self.fake.url)
+        config.setdefault("upstream_check_interval", 0)
         gateway = Gateway(Config(users_file=self.users, usage_db="none", **config), reactor)
         endpoint, factory = server_endpoint(reactor, f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1")
         assert factory is not None

@@ -15,6 +15,10 @@ from twisted.internet.interfaces import IReactorTime
 
 WINDOW_1M = 60.0
 WINDOW_5M = 300.0
+HISTORY = 900.0  # the dashboard's chart: 15 minutes
+BUCKET = 10.0  # seconds per point of that chart
+DAY = 86400.0
+RECENT_PROBLEMS = 20
 
 
 @attrs.frozen
@@ -54,6 +58,10 @@ class Accounting:
         self.users: dict[str, UserTotals] = {}
         # (finished at, completion tokens, duration, time to first token), oldest first
         self._recent: deque[tuple[float, int, float, Optional[float]]] = deque()
+        self._buckets: deque[list[float]] = deque()  # [bucket start, completion tokens]
+        self.today: dict[str, UserTotals] = {}
+        self._today_number = int(clock.seconds() // DAY)
+        self.problems: deque[dict[str, object]] = deque(maxlen=RECENT_PROBLEMS)
 
     def restore(self, users: Mapping[str, UserTotals]) -> None:
         """Start from totals kept elsewhere (the ledger), as if those requests had been recorded."""
@@ -65,9 +73,39 @@ class Accounting:
                 totals.completion_tokens += saved.completion_tokens
                 totals.cancelled += saved.cancelled
 
+    def restore_today(self, users: Mapping[str, UserTotals]) -> None:
+        """Today's (UTC) per-user totals, from the ledger."""
+        self._roll_day()
+        for name, saved in users.items():
+            self.today[name] = attrs.evolve(saved)
+
+    def _roll_day(self) -> None:
+        today = int(self._clock.seconds() // DAY)
+        if today != self._today_number:
+            self._today_number = today
+            self.today = {}
+
+    def history(self) -> list[tuple[float, float]]:
+        """Generated tokens per second in 10-second steps over the last 15 minutes: (step start, rate)."""
+        self._expire()
+        return [(start, tokens / BUCKET) for start, tokens in self._buckets]
+
     def record(self, rec: RequestRecord) -> None:
+        now = self._clock.seconds()
+        self._roll_day()
+        start = now - now % BUCKET
+        if self._buckets and self._buckets[-1][0] == start:
+            self._buckets[-1][1] += rec.completion_tokens
+        else:
+            self._buckets.append([start, float(rec.completion_tokens)])
+        if rec.cancelled or rec.error or rec.status >= 500:
+            self.problems.appendleft({
+                "at": round(now, 3), "user": rec.user, "path": rec.path, "status": rec.status,
+                "error": rec.error, "cancelled": rec.cancelled,
+            })
         user = self.users.setdefault(rec.user, UserTotals())
-        for totals in (self.totals, user):
+        today = self.today.setdefault(rec.user, UserTotals())
+        for totals in (self.totals, user, today):
             totals.requests += 1
             totals.prompt_tokens += rec.prompt_tokens
             totals.completion_tokens += rec.completion_tokens
@@ -79,6 +117,9 @@ class Accounting:
         horizon = self._clock.seconds() - WINDOW_5M
         while self._recent and self._recent[0][0] < horizon:
             self._recent.popleft()
+        history_start = self._clock.seconds() - HISTORY
+        while self._buckets and self._buckets[0][0] < history_start:
+            self._buckets.popleft()
 
     def tokens_per_second(self, window: float) -> float:
         """Completion tokens of requests finished in the last C{window} seconds, per second."""

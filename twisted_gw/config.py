@@ -71,6 +71,19 @@ def _readable_file_or_empty(name: str) -> Callable[[str], str]:
     return parse
 
 
+def _non_negative_float(name: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, not {text!r}") from None
+        if not 0 <= value < float("inf"):
+            raise ConfigError(f"{name} must be 0 or a positive number of seconds, not {text!r}")
+        return value
+
+    return parse
+
+
 def _upstream_url(text: str) -> str:
     parts = urlsplit(text.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -183,6 +196,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("user-tokens-per-day", "USER_TOKENS_PER_DAY", "0",
             "Default tokens_per_day quota per user (UTC day), prompt + completion (0: none).",
             _optional_limit("user-tokens-per-day"), "user_tokens_per_day"),
+    Setting("upstream-check-interval", "UPSTREAM_CHECK_INTERVAL", "5",
+            "Seconds between checks of the upstream's /health (and llama.cpp's slots) for /metrics and "
+            "the dashboard; 0: no checks.",
+            _non_negative_float("upstream-check-interval"), "upstream_check_interval"),
     Setting("users-poll-interval", "USERS_POLL_INTERVAL", "2",
             "Seconds between checks of the users file for changes.",
             _positive_float("users-poll-interval"), "users_poll_interval"),
@@ -202,6 +219,7 @@ class Config:
     queue_events: str = "comment"
     keepalive_interval: float = 15.0
     users_poll_interval: float = 2.0
+    upstream_check_interval: float = 5.0
     max_queue: int = 100
     queue_timeout: float = 600.0
     upstream_timeout: float = 600.0

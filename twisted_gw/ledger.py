@@ -61,13 +61,13 @@ def connect(path: str) -> sqlite3.Connection:
     return db
 
 
-def load_totals(path: str) -> dict[str, UserTotals]:
-    """Per-user totals from the ledger; read once at startup."""
+def load_totals(path: str, since: float = 0.0) -> dict[str, UserTotals]:
+    """Per-user totals from the ledger (of requests finished since C{since}); read at startup."""
     db = connect(path)
     try:
         rows = db.execute(
             "SELECT user, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cancelled) "
-            "FROM requests GROUP BY user"
+            "FROM requests WHERE finished_at >= ? GROUP BY user", (since,),
         ).fetchall()
     finally:
         db.close()

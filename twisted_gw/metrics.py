@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from twisted_gw.accounting import WINDOW_1M, WINDOW_5M, Accounting, UserTotals
+from twisted_gw.accounting import BUCKET, WINDOW_1M, WINDOW_5M, Accounting, UserTotals
 from twisted_gw.admission import Admission
 from twisted_gw.auth import UserSettings
+from twisted_gw.proxy import Proxy
 from twisted_gw.quota import Quotas
+from twisted_gw.upstream import Upstream
 
 
-def snapshot(admission: Admission, accounting: Accounting) -> dict[str, Any]:
+def snapshot(
+    admission: Admission, accounting: Accounting, proxy: Optional[Proxy] = None, upstream: Optional[Upstream] = None
+) -> dict[str, Any]:
     """
     The original gateway's keys (C{tokens} and C{per_user_tokens} count
     completion tokens, as they did there) plus prompt/completion splits.
     """
     totals = accounting.totals
+    doc = _snapshot(admission, accounting, totals)
+    if proxy is not None:
+        doc["streams"] = proxy.live()
+    if upstream is not None:
+        doc["upstream"] = {"reachable": upstream.reachable, "slots": upstream.slots}
+    return doc
+
+
+def _snapshot(admission: Admission, accounting: Accounting, totals: UserTotals) -> dict[str, Any]:
     return {
         "queue": {
             "waiting": admission.waiting,
@@ -23,6 +36,7 @@ def snapshot(admission: Admission, accounting: Accounting) -> dict[str, Any]:
             "depth": admission.waiting + admission.active,
             "max_concurrent": admission.limit,
         },
+        "waiting_users": admission.waiting_users(),
         "throughput": {
             "tokens_per_second_1m": round(accounting.tokens_per_second(WINDOW_1M), 3),
             "tokens_per_second_5m": round(accounting.tokens_per_second(WINDOW_5M), 3),
@@ -50,7 +64,15 @@ def snapshot(admission: Admission, accounting: Accounting) -> dict[str, Any]:
             }
             for name, user in sorted(accounting.users.items())
         },
+        "users_today": {name: _today(totals) for name, totals in sorted(accounting.today.items())},
+        "history": {"step_s": BUCKET, "tokens_per_second": [[t, round(r, 3)] for t, r in accounting.history()]},
+        "recent_problems": list(accounting.problems),
     }
+
+
+def _today(totals: UserTotals) -> dict[str, int]:
+    return {"requests": totals.requests, "prompt_tokens": totals.prompt_tokens,
+            "completion_tokens": totals.completion_tokens}
 
 
 def me_document(

@@ -78,6 +78,7 @@ class Exchange:
     model: Optional[str] = None
     first_token_at: Optional[float] = None
     error: Optional[str] = None
+    running: bool = False  # past the queue
 
     def write(self, data: bytes) -> None:
         self.request.write(data)
@@ -155,6 +156,7 @@ class Proxy:
                 self._check_quota(ex, settings)
             if request.method == b"POST":
                 ticket = await self._admit(ex, settings)
+            ex.running = True
             await self._forward(ex, uri, body, info)
         except CancelledError:
             ex.cancelled = True
@@ -172,6 +174,25 @@ class Proxy:
                 idle, self._idle = self._idle, []
                 for d in idle:
                     d.callback(None)
+
+    def live(self) -> list[dict[str, Any]]:
+        """The requests in flight, for the dashboard: who, what, for how long, how fast."""
+        now = self.clock.seconds()
+        streams = []
+        for ex in self.active:
+            if not ex.running:
+                continue
+            tokens = ex.tracker.content_chunks
+            since = ex.first_token_at
+            streams.append({
+                "user": ex.user,
+                "path": ex.request.uri.partition(b"?")[0].decode("ascii", "replace"),
+                "stream": ex.stream,
+                "elapsed_s": round(now - ex.started, 3),
+                "tokens": tokens,
+                "tokens_per_second": round(tokens / (now - since), 2) if since is not None and now > since else None,
+            })
+        return sorted(streams, key=lambda s: -s["elapsed_s"])
 
     def _report(self, ex: Exchange, e: GatewayError) -> None:
         """An error after the checks: as the response if none was sent yet, else in the stream."""

@@ -9,12 +9,13 @@ from typing import Any, Optional
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 
 from twisted_gw.accounting import Accounting
 from twisted_gw.admission import Admission
 from twisted_gw.auth import UserSettings, UsersFile
 from twisted_gw.config import Config
-from twisted_gw.ledger import Ledger
+from twisted_gw.ledger import Ledger, load_totals
 from twisted_gw.metrics import me_document, snapshot
 from twisted_gw.prometheus import PrometheusMetrics
 from twisted_gw.proxy import Proxy
@@ -31,6 +32,7 @@ class Gateway(Service):
         self.config = config
         self.reactor = reactor
         self.tls_contexts: list[ReloadingContextFactory] = []
+        self._health: Optional[LoopingCall] = None
         self._previous_sighup: Any = None
         self.users = UsersFile(config.users_file, reactor, config.users_poll_interval)
         self.admission = Admission(config.max_concurrent, reactor, config.max_queue, config.queue_timeout)
@@ -56,7 +58,7 @@ class Gateway(Service):
         self.app = GatewayApp(
             self.proxy,
             lambda key: self.users.current.lookup(key),
-            lambda: snapshot(self.admission, self.accounting),
+            lambda: snapshot(self.admission, self.accounting, self.proxy, self.upstream),
             self.prometheus.render,
             lambda user: me_document(user, self.settings_for(user), self.accounting, self.admission, self.quotas),
             metrics_token=config.metrics_token,
@@ -80,6 +82,11 @@ class Gateway(Service):
         if self.ledger is not None:
             self.accounting.restore(self.ledger.start())
             self.quotas.restore_today(self.ledger.used_since(self.quotas.day_start()))
+            self.accounting.restore_today(load_totals(self.ledger.path, self.quotas.day_start()))
+        if self.config.upstream_check_interval:
+            self._health = LoopingCall(self.upstream.check)
+            self._health.clock = self.reactor
+            self._health.start(self.config.upstream_check_interval, now=True)
 
     def settings_for(self, user: str) -> UserSettings:
         """The user's own settings, with the gateway-wide defaults where it has none."""
@@ -103,6 +110,8 @@ class Gateway(Service):
         queue is answered 503, running requests get C{drain_timeout} seconds.
         """
         super().stopService()
+        if self._health is not None and self._health.running:
+            self._health.stop()
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None

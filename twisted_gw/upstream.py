@@ -131,6 +131,8 @@ class Upstream:
         self.agent = Agent(reactor, contextFactory=tls_policy(ca_file), pool=self.pool)
         self.retries = 0
         self._llamacpp: Optional[bool] = None
+        self.reachable: Optional[bool] = None  # from the last check(); None before the first
+        self.slots: Optional[int] = None
 
     def url(self, uri: bytes) -> bytes:
         """The upstream URL for a gateway request URI (path and query, kept as sent)."""
@@ -161,6 +163,30 @@ class Upstream:
                 raise
         self.retries += 1
         return await self.agent.request(method, url, headers, BytesProducer(body) if body else None)
+
+    async def _get_json(self, uri: bytes) -> tuple[int, Any]:
+        response = await self.request(b"GET", uri, Headers(), None)
+        chunks: list[bytes] = []
+        await stream_body(response, chunks.append).done
+        try:
+            return response.code, json.loads(b"".join(chunks))
+        except ValueError:
+            return response.code, None
+
+    def check(self) -> Deferred[None]:
+        """Is the upstream up (C{GET /health} 200) and, for llama.cpp, how many slots has it? Never fails."""
+        return Deferred.fromCoroutine(self._check())
+
+    async def _check(self) -> None:
+        try:
+            code, _ = await self._get_json(b"/health")
+            self.reachable = code == 200
+            if self.reachable and self.slots is None:
+                code, props = await self._get_json(b"/props")
+                if code == 200 and isinstance(props, dict) and isinstance(props.get("total_slots"), int):
+                    self.slots = props["total_slots"]
+        except Exception:
+            self.reachable = False
 
     async def is_llamacpp(self) -> bool:
         """
