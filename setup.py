@@ -9,7 +9,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=["twisted_gw", "twisted.plugins"],
-    package_data={"twisted_gw": ["py.typed"]},
+    package_data={"twisted_gw": ["py.typed", "static/*.html"]},
     install_requires=[
         "twisted>=24.7.0",
         "klein>=24.8.0",
@@ -33,6 +33,7 @@ setup(
             "httpx>=0.27",
             "trustme>=1.1",
             "pyyaml>=6.0",
+            "selenium>=4.10",
         ],
         "dev": [
             "ruff>=0.6",

@@ -6,6 +6,7 @@ the site's request class.  Thin: the work is done in L{twisted_gw.proxy}.
 from __future__ import annotations
 
 import hmac
+import importlib.resources
 import ipaddress
 import json
 from collections.abc import Callable
@@ -25,6 +26,9 @@ from twisted_gw.errors import GatewayError, error_json, unauthorized
 from twisted_gw.proxy import Proxy, log_refused
 
 log = Logger(namespace="llmgw.web")
+
+# read once at import, never on a request
+DASHBOARD = (importlib.resources.files("twisted_gw") / "static" / "dashboard.html").read_bytes()
 
 
 def _json(request: IRequest, status: int, doc: Any) -> bytes:
@@ -71,6 +75,8 @@ class GatewayApp:
         app = self.app
         # Paths are forwarded as sent; werkzeug must not redirect '//' to '/'.
         app.url_map.merge_slashes = False
+        app.route("/", methods=["GET", "HEAD"])(self.dashboard)
+        app.route("/dashboard", methods=["GET", "HEAD"])(self.dashboard)
         app.route("/health", methods=["GET", "HEAD"])(self.health)
         app.route("/metrics", methods=["GET"])(self.metrics_json)
         app.route("/metrics/prometheus", methods=["GET"])(self.metrics_prometheus)
@@ -81,6 +87,15 @@ class GatewayApp:
 
     def resource(self) -> Any:
         return self.app.resource()
+
+    def dashboard(self, request: IRequest) -> bytes:
+        """The live dashboard: one self-contained page; its data comes from /metrics."""
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"Content-Security-Policy",
+                          b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                          b"connect-src 'self'; img-src 'self'")
+        return DASHBOARD
 
     def health(self, request: IRequest) -> bytes:
         return _json(request, 200, {"status": "ok"})

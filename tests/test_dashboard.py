@@ -1,0 +1,139 @@
+"""The dashboard page, in a real headless Chromium, against a gateway under load."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from support import ALICE, BOB, GatewayTestCase, reactor
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest
+
+from twisted_gw.testing import FakeLlama
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def browser() -> Any:
+    try:
+        from selenium import webdriver
+    except ImportError:
+        raise SkipTest("selenium is not installed (pip install selenium)") from None
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        raise SkipTest("Chromium and its driver are not installed (Debian: chromium chromium-driver; .ci/run does it)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1200,1400"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+
+
+class DashboardTests(GatewayTestCase):
+    timeout = 90
+
+    async def test_page_is_served_self_contained(self) -> None:
+        await self.start()
+        for path in ("/", "/dashboard"):
+            reply = await self.call("GET", path, key=None)
+            self.assertEqual(reply.code, 200)
+            self.assertEqual(reply.header("Content-Type"), b"text/html; charset=utf-8")
+            page = await reply.text()
+            self.assertIn(b'fetch("/metrics"', page)
+            self.assertNotIn(b"http://", page)  # nothing from a CDN
+            self.assertNotIn(b"https://", page)
+
+    async def test_live_numbers_match_metrics(self) -> None:
+        await self.start(fake=FakeLlama(reactor, manual=True, chunk_delay=0.0), max_concurrent=1)
+        # some history: one finished request, one cancelled
+        done = Deferred.fromCoroutine(self.chat(stream=True, key=BOB))
+        self.fake.release(len(self.fake.reply))
+        await (await done).text()
+        gone = await self.chat(stream=True)
+        gone.body.abort()
+        await self.fake.generations[-1].ended
+        # now under load: alice runs, bob and alice wait
+        running = await self.chat(stream=True)
+        self.fake.release(2)
+        waiting = [await self.chat(stream=True, key=BOB), await self.chat(stream=True, key=ALICE)]
+        await waiting[1].body.wait_for(b": queue position=2")
+
+        driver = await deferToThread(browser)
+        self.addCleanup(lambda: deferToThread(driver.quit))
+        await deferToThread(driver.get, self.gw.url + "/dashboard")
+
+        def read_page() -> dict[str, Any]:
+            from selenium.webdriver.common.by import By
+            from selenium.webdriver.support.ui import WebDriverWait
+
+            WebDriverWait(driver, 20).until(
+                lambda d: d.find_element(By.ID, "q-waiting").text == "2"
+                and d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"
+            )
+            cells = [[c.text for c in r.find_elements(By.TAG_NAME, "td")]
+                     for r in driver.find_elements(By.CSS_SELECTOR, "#users tr")]
+            return {
+                "active": driver.find_element(By.ID, "q-active").text,
+                "waiting": driver.find_element(By.ID, "q-waiting").text,
+                "limit": driver.find_element(By.ID, "q-limit").text,
+                "who": driver.find_element(By.ID, "q-who").text,
+                "users": {row[0]: row[1:] for row in cells},
+                "streams": [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#streams tr")],
+                "problems": [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#problems tr")],
+                "status": driver.find_element(By.ID, "status").text,
+            }
+
+        shown = await deferToThread(read_page)
+        metrics = await self.metrics()
+        self.assertEqual(shown["active"], str(metrics["queue"]["active"]))
+        self.assertEqual(shown["waiting"], str(metrics["queue"]["waiting"]))
+        self.assertEqual(shown["limit"], str(metrics["queue"]["max_concurrent"]))
+        self.assertEqual(shown["who"], "waiting: " + ", ".join(metrics["waiting_users"]))
+        self.assertEqual(set(shown["users"]), set(metrics["users"]))
+        for name, figures in metrics["users"].items():
+            today = metrics["users_today"][name]
+            expected = [today["requests"], today["prompt_tokens"], today["completion_tokens"], figures["requests"],
+                        figures["prompt_tokens"], figures["completion_tokens"], figures["cancelled"]]
+            self.assertEqual(shown["users"][name], [f"{n:,}" for n in expected], name)
+        self.assertEqual(len(shown["streams"]), 1)
+        self.assertTrue(shown["streams"][0].startswith("alice /v1/chat/completions"), shown["streams"])
+        self.assertTrue(any("cancelled" in p for p in shown["problems"]), shown["problems"])
+        # it keeps updating without a reload
+        before = shown["status"]
+        await task.deferLater(reactor, 2.5, lambda: None)
+        after = await deferToThread(lambda: driver.find_element("id", "status").text)
+        self.assertNotEqual(before, after)
+        path = os.path.abspath(self.mktemp()) + ".png"
+        await deferToThread(driver.save_screenshot, path)
+        self.assertGreater(os.path.getsize(path), 10_000)
+        self.fake.release(3 * len(self.fake.reply))
+        for reply in (running, *waiting):
+            await reply.text()
+
+    async def test_asks_for_the_metrics_token_once(self) -> None:
+        await self.start(metrics_token="m-secret")
+        driver = await deferToThread(browser)
+        self.addCleanup(lambda: deferToThread(driver.quit))
+        await deferToThread(driver.get, self.gw.url + "/dashboard")
+
+        def log_in() -> tuple[str, str]:
+            from selenium.webdriver.common.by import By
+            from selenium.webdriver.support.ui import WebDriverWait
+
+            WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "login").is_displayed())
+            driver.find_element(By.ID, "token").send_keys("m-secret")
+            driver.find_element(By.CSS_SELECTOR, "#token-form button").click()
+            WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "board").is_displayed())
+            kept = driver.execute_script("return sessionStorage.getItem('llmgw-metrics-token')")
+            driver.refresh()  # the token is kept for the browser session: no second prompt
+            WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "board").is_displayed())
+            return kept, driver.find_element(By.ID, "q-limit").text
+
+        kept, limit = await deferToThread(log_in)
+        self.assertEqual(kept, "m-secret")
+        self.assertEqual(limit, "1")
