@@ -98,8 +98,11 @@ def main() -> int:
         wait_up(gw_port)
         direct = http.client.HTTPConnection("127.0.0.1", up_port, timeout=30)
         gateway = http.client.HTTPConnection("127.0.0.1", gw_port, timeout=30)
-        cases = [("GET /v1/models", "GET", "/v1/models", None), ("chat, non-stream", "POST", "/v1/chat/completions", CHAT),
-                 ("chat, stream", "POST", "/v1/chat/completions", STREAM)]
+        cases = [
+            ("GET /v1/models", "GET", "/v1/models", None),
+            ("chat, non-stream", "POST", "/v1/chat/completions", CHAT),
+            ("chat, stream", "POST", "/v1/chat/completions", STREAM),
+        ]
         for _, method, path, body in cases:  # warm up both paths
             for conn in (direct, gateway):
                 for _ in range(20):
