@@ -50,12 +50,21 @@ class ConfigTests(SynchronousTestCase):
             (["--upstream", "http://h:99999"], {}, "invalid port"),
             (["--listen", "nonsense:1"], {}, "nonsense:1"),
             (["--queue-events", "loud"], {}, "comment"),
-            (["--keepalive-interval", "0"], {}, "positive"),
+            (["--keepalive-interval", "0"], {}, "a positive number of seconds"),
+            (["--upstream-check-interval", "-1"], {}, "0 or a positive number of seconds"),
+            (["--idle-timeout", "inf"], {}, "a positive number of seconds"),
+            (["--user-tokens-per-day", "-5"], {}, "0 (no limit) or more"),
         ]
         for argv, env, fragment in cases:
             with self.assertRaises(ConfigError) as caught:
                 parse(argv, env)
             self.assertIn(fragment, str(caught.exception), argv)
+
+    def test_zero_turns_off_checks_and_limits(self) -> None:
+        config = parse(["--upstream-check-interval", "0", "--user-max-concurrent", "0"], {"USER_TOKENS_PER_DAY": "500"})
+        self.assertEqual(config.upstream_check_interval, 0.0)
+        self.assertIsNone(config.user_max_concurrent)
+        self.assertEqual(config.user_tokens_per_day, 500)
 
     def test_post_options_turns_errors_into_one_line_exit(self) -> None:
         options = Options()

@@ -34,14 +34,17 @@ def _positive_int(name: str) -> Callable[[str], int]:
     return parse
 
 
-def _positive_float(name: str) -> Callable[[str], float]:
+def _seconds(name: str, zero_allowed: bool = False) -> Callable[[str], float]:
+    """A finite number of seconds: positive, or also 0 where 0 turns the thing off."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise ConfigError(f"{name} must be a number of seconds, not {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise ConfigError(f"{name} must be a positive number of seconds, not {text!r}")
+        if not (0 <= value if zero_allowed else 0 < value) or value == float("inf"):
+            what = "0 or a positive" if zero_allowed else "a positive"
+            raise ConfigError(f"{name} must be {what} number of seconds, not {text!r}")
         return value
 
     return parse
@@ -67,19 +70,6 @@ def _readable_file_or_empty(name: str) -> Callable[[str], str]:
         if text and not os.path.isfile(text):
             raise ConfigError(f"{name}: no such file: {text!r}")
         return text
-
-    return parse
-
-
-def _non_negative_float(name: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number of seconds, not {text!r}") from None
-        if not 0 <= value < float("inf"):
-            raise ConfigError(f"{name} must be 0 or a positive number of seconds, not {text!r}")
-        return value
 
     return parse
 
@@ -151,26 +141,26 @@ SETTINGS: tuple[Setting, ...] = (
             _queue_events, "queue_events"),
     Setting("keepalive-interval", "KEEPALIVE_INTERVAL", "15",
             "Seconds between SSE keepalive comments sent to a stream while it waits in the queue.",
-            _positive_float("keepalive-interval"), "keepalive_interval"),
+            _seconds("keepalive-interval"), "keepalive_interval"),
     Setting("max-queue", "MAX_QUEUE", "100",
             "Requests that may wait in the queue; one more gets 429 with Retry-After.",
             _positive_int("max-queue"), "max_queue"),
     Setting("queue-timeout", "QUEUE_TIMEOUT", "600",
             "Seconds a request may wait in the queue before it gets 503.",
-            _positive_float("queue-timeout"), "queue_timeout"),
+            _seconds("queue-timeout"), "queue_timeout"),
     Setting("upstream-timeout", "UPSTREAM_TIMEOUT", "600",
             "Seconds to wait for the upstream's response headers (504 after).",
-            _positive_float("upstream-timeout"), "upstream_timeout"),
+            _seconds("upstream-timeout"), "upstream_timeout"),
     Setting("idle-timeout", "IDLE_TIMEOUT", "300",
             "Longest silence, in seconds, between two chunks of an upstream body; a generation "
             "that keeps producing is never cut.",
-            _positive_float("idle-timeout"), "idle_timeout"),
+            _seconds("idle-timeout"), "idle_timeout"),
     Setting("max-body", "MAX_BODY", str(16 * 1024 * 1024),
             "Largest request body in bytes; a larger one gets 413 without being read.",
             _positive_int("max-body"), "max_body"),
     Setting("drain-timeout", "DRAIN_TIMEOUT", "30",
             "On shutdown, seconds running requests may take to finish before they are closed.",
-            _positive_float("drain-timeout"), "drain_timeout"),
+            _seconds("drain-timeout"), "drain_timeout"),
     Setting("assemble-non-stream", "ASSEMBLE_NON_STREAM", "auto",
             "Send non-streaming chat/completions upstream as streams and build the JSON answer here, "
             "so that a client leaving stops the generation at once: 'auto' (when the upstream is "
@@ -178,7 +168,7 @@ SETTINGS: tuple[Setting, ...] = (
             _assemble_mode, "assemble_non_stream"),
     Setting("usage-db", "USAGE_DB", "llmgw-usage.sqlite3",
             "SQLite ledger of finished requests (one row each); per-user totals are restored from it "
-            "at startup. Empty: no ledger.",
+            "at startup. 'none' or empty: no ledger.",
             str, "usage_db"),
     Setting("metrics-token", "METRICS_TOKEN", "",
             "When set, /metrics and /metrics/prometheus require 'Authorization: Bearer <token>'. "
@@ -199,10 +189,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream-check-interval", "UPSTREAM_CHECK_INTERVAL", "5",
             "Seconds between checks of the upstream's /health (and llama.cpp's slots) for /metrics and "
             "the dashboard; 0: no checks.",
-            _non_negative_float("upstream-check-interval"), "upstream_check_interval"),
+            _seconds("upstream-check-interval", zero_allowed=True), "upstream_check_interval"),
     Setting("users-poll-interval", "USERS_POLL_INTERVAL", "2",
             "Seconds between checks of the users file for changes.",
-            _positive_float("users-poll-interval"), "users_poll_interval"),
+            _seconds("users-poll-interval"), "users_poll_interval"),
 )
 
 
