@@ -24,6 +24,12 @@ log = Logger(namespace="llmgw.tls")
 _RELOADABLE = {"privateKey", "certKey", "interface", "backlog", "extraCertChain"}
 
 
+def certificates_from_pem(pem: bytes) -> list[Certificate]:
+    """Every certificate of a PEM bundle, in order."""
+    marker = b"-----BEGIN CERTIFICATE-----"
+    return [Certificate.loadPEM(marker + block) for block in pem.split(marker)[1:]]
+
+
 @implementer(IOpenSSLContextFactory)
 class ReloadingContextFactory:
     """The current certificate and key, read again by L{reload}."""
@@ -42,8 +48,7 @@ class ReloadingContextFactory:
         chain: list[Any] = []
         if self.chain:
             with open(self.chain, "rb") as f:
-                blocks = f.read().split(b"-----BEGIN CERTIFICATE-----")[1:]
-            chain = [Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + b).original for b in blocks]
+                chain = [c.original for c in certificates_from_pem(f.read())]
         options = CertificateOptions(
             privateKey=KeyPair.load(key_pem, format=1).original,  # 1 = FILETYPE_PEM
             certificate=Certificate.loadPEM(cert_pem).original,

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer, IReactorTCP
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.internet.ssl import trustRootFromCertificates
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -37,6 +37,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
+
+from twisted_gw.tls import certificates_from_pem
 
 # llama.cpp's HTTP library closes idle keep-alive connections after 5 s; a POST
 # is never retried on a stale one (twisted #7843), so give them up first.
@@ -75,10 +77,7 @@ def tls_policy(ca_file: Optional[str]) -> BrowserLikePolicyForHTTPS:
         return BrowserLikePolicyForHTTPS()
     with open(ca_file, "rb") as f:
         pem = f.read()
-    certificates = [
-        Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + block)
-        for block in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
-    ]
+    certificates = certificates_from_pem(pem)
     if not certificates:
         raise ValueError(f"no certificate in {ca_file}")
     return BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(certificates))
@@ -197,16 +196,10 @@ class Upstream:
         if self._llamacpp is not None:
             return self._llamacpp
         try:
-            response = await self.request(b"GET", b"/props", Headers(), None)
-            chunks: list[bytes] = []
-            await stream_body(response, chunks.append).done
-            doc = json.loads(b"".join(chunks))
-        except ValueError:
-            self._llamacpp = False
-            return False
+            code, doc = await self._get_json(b"/props")
         except Exception:
             return False
-        self._llamacpp = response.code == 200 and isinstance(doc, dict) and "total_slots" in doc
+        self._llamacpp = code == 200 and isinstance(doc, dict) and "total_slots" in doc
         return self._llamacpp
 
     def close(self) -> Deferred[None]:
