@@ -113,18 +113,6 @@ class Ledger:
         self._loop = loop
         return totals
 
-    def used_since(self, since: float) -> dict[str, int]:
-        """Tokens (prompt + completion) per user since C{since}; read once at startup."""
-        db = connect(self.path)
-        try:
-            rows = db.execute(
-                "SELECT user, SUM(prompt_tokens + completion_tokens) FROM requests WHERE finished_at >= ? "
-                "GROUP BY user", (since,),
-            ).fetchall()
-        finally:
-            db.close()
-        return {user: tokens or 0 for user, tokens in rows}
-
     def append(self, record: RequestRecord) -> None:
         self._pending.append(row(record, self.clock.seconds()))
 

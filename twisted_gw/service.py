@@ -81,8 +81,9 @@ class Gateway(Service):
         self.users.start()
         if self.ledger is not None:
             self.accounting.restore(self.ledger.start())
-            self.quotas.restore_today(self.ledger.used_since(self.quotas.day_start()))
-            self.accounting.restore_today(load_totals(self.ledger.path, self.quotas.day_start()))
+            today = load_totals(self.ledger.path, self.quotas.day_start())
+            self.accounting.restore_today(today)
+            self.quotas.restore_today({user: t.prompt_tokens + t.completion_tokens for user, t in today.items()})
         if self.config.upstream_check_interval:
             self._health = LoopingCall(self.upstream.check)
             self._health.clock = self.reactor
