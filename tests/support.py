@@ -20,7 +20,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from twisted_gw.config import Config
+from twisted_gw.config import Config, UpstreamSpec
 from twisted_gw.testing import FakeLlama, RunningGateway, start_gateway
 from twisted_gw.upstream import BytesProducer
 
@@ -134,12 +134,13 @@ class GatewayTestCase(unittest.TestCase):
     async def start(self, fake: Optional[FakeLlama] = None, users: Optional[dict[str, Any]] = None,
                     **config: Any) -> None:
         self.fake = fake or FakeLlama(reactor)
-        await self.fake.start()
-        self.addCleanup(self.fake.stop)
+        if not self.fake.listening:
+            await self.fake.start()
+            self.addCleanup(self.fake.stop)
         self.users_path = self.mktemp()
         with open(self.users_path, "w") as f:
             json.dump(KEYS if users is None else users, f)
-        config.setdefault("upstream", self.fake.url)
+        config.setdefault("upstreams", (UpstreamSpec(config.pop("upstream", self.fake.url)),))
         config.setdefault("usage_db", os.path.abspath(self.mktemp()) + ".sqlite3")
         config.setdefault("upstream_check_interval", 0)  # no background requests unless a test wants them
         self.config = Config(users_file=self.users_path, **config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_gw.config import Config, ConfigError, Options, build_config
+from twisted_gw.config import Config, ConfigError, Options, UpstreamSpec, build_config
 
 
 def parse(argv: list[str], env: dict[str, str]) -> Config:
@@ -21,15 +21,15 @@ class ConfigTests(SynchronousTestCase):
         config = parse([], {})
         self.assertEqual(config, Config())
         self.assertEqual(config.listen, ("tcp:8000",))
-        self.assertEqual(config.upstream, "http://127.0.0.1:8080")
-        self.assertEqual(config.max_concurrent, 1)
+        self.assertEqual(config.upstreams, (UpstreamSpec("http://127.0.0.1:8080"),))
+        self.assertIsNone(config.max_concurrent)  # auto: llama.cpp's slots, else 1
         self.assertEqual(config.users_file, "users.json")
 
     def test_env_over_default_and_cli_over_env(self) -> None:
         env = {"UPSTREAM_URL": "http://127.0.0.1:9000/", "MAX_CONCURRENT": "4", "USERS_FILE": "/etc/u.json",
                "LISTEN": "tcp:1234 tcp:1235,tcp:1236", "QUEUE_EVENTS": "data"}
         config = parse([], env)
-        self.assertEqual(config.upstream, "http://127.0.0.1:9000")
+        self.assertEqual(config.upstreams, (UpstreamSpec("http://127.0.0.1:9000"),))
         self.assertEqual(config.max_concurrent, 4)
         self.assertEqual(config.users_file, "/etc/u.json")
         self.assertEqual(config.listen, ("tcp:1234", "tcp:1235", "tcp:1236"))
@@ -38,7 +38,17 @@ class ConfigTests(SynchronousTestCase):
                         "--upstream", "https://127.0.0.1:8443/llm"], env)
         self.assertEqual(config.max_concurrent, 2)
         self.assertEqual(config.listen, ("tcp:1", "tcp:2:interface=127.0.0.1"))
-        self.assertEqual(config.upstream, "https://127.0.0.1:8443/llm")
+        self.assertEqual(config.upstreams, (UpstreamSpec("https://127.0.0.1:8443/llm"),))
+
+    def test_several_upstreams_with_their_own_slots(self) -> None:
+        expected = (UpstreamSpec("http://127.0.0.1:9001", 4), UpstreamSpec("http://127.0.0.1:9002"),
+                    UpstreamSpec("https://127.0.0.1:9003/v", 1))
+        env = {"UPSTREAM_URL": "http://127.0.0.1:9001#slots=4, http://127.0.0.1:9002/,https://127.0.0.1:9003/v#slots=1"}
+        self.assertEqual(parse([], env).upstreams, expected)
+        argv = ["--upstream", "http://127.0.0.1:9001#slots=4", "--upstream", "http://127.0.0.1:9002",
+                "--upstream", "https://127.0.0.1:9003/v/#slots=1"]
+        self.assertEqual(parse(argv, {"UPSTREAM_URL": "http://127.0.0.1:1"}).upstreams, expected)
+        self.assertEqual(parse(["--max-concurrent", "auto"], {"MAX_CONCURRENT": "3"}).max_concurrent, None)
 
     def test_invalid_values_say_what_is_wrong(self) -> None:
         cases = [
@@ -48,6 +58,12 @@ class ConfigTests(SynchronousTestCase):
             (["--upstream", "ftp://x"], {}, "http:// or https://"),
             (["--upstream", "http://"], {}, "with a host"),
             (["--upstream", "http://h:99999"], {}, "invalid port"),
+            (["--upstream", "http://h:1?x=1"], {}, "must not carry a query"),
+            (["--upstream", "http://h:1#weight=2"], {}, "the only option after '#' is slots=N"),
+            (["--upstream", "http://h:1#slots=0"], {}, "upstream slots must be at least 1"),
+            (["--upstream", "http://h:1#slots=two"], {}, "upstream slots must be a whole number"),
+            ([], {"UPSTREAM_URL": "http://h:1, http://h:1/"}, "upstream given twice: http://h:1"),
+            ([], {"UPSTREAM_URL": " , "}, "at least one URL"),
             (["--listen", "nonsense:1"], {}, "nonsense:1"),
             (["--queue-events", "loud"], {}, "comment"),
             (["--keepalive-interval", "0"], {}, "a positive number of seconds"),

@@ -86,6 +86,7 @@ class DashboardTests(GatewayTestCase):
                 "streams": [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#streams tr")],
                 "problems": [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#problems tr")],
                 "status": driver.find_element(By.ID, "status").text,
+                "upstreams": driver.find_element(By.ID, "u-list").text,
             }
 
         shown = await deferToThread(read_page)
@@ -100,6 +101,7 @@ class DashboardTests(GatewayTestCase):
             expected = [today["requests"], today["prompt_tokens"], today["completion_tokens"], figures["requests"],
                         figures["prompt_tokens"], figures["completion_tokens"], figures["cancelled"]]
             self.assertEqual(shown["users"][name], [f"{n:,}" for n in expected], name)
+        self.assertEqual(shown["upstreams"], f"{self.fake.url}: unknown, 1/1 busy")
         self.assertEqual(len(shown["streams"]), 1)
         self.assertTrue(shown["streams"][0].startswith("alice /v1/chat/completions"), shown["streams"])
         self.assertTrue(any("cancelled" in p for p in shown["problems"]), shown["problems"])

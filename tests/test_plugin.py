@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 
-from support import ALICE, TWISTD, GatewayTestCase, chat_body, reactor
+from support import ALICE, TWISTD, GatewayTestCase, chat_body, free_port, reactor
 from twisted.internet import task
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -45,10 +45,11 @@ class SubprocessGatewayTests(GatewayTestCase):
 
     async def test_twistd_llmgw_serves_in_front_of_the_fake(self) -> None:
         workdir, port = await self.prepare_subprocess(FakeLlama(reactor), users={})
+        down = f"http://127.0.0.1:{free_port()}"  # a second upstream, never up
         # no users file in the working directory: starts, warns, nobody gets in
         proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "llmgw", "--listen", f"tcp:{port}:interface=127.0.0.1"],
-            env={**os.environ, "UPSTREAM_URL": self.fake.url, "USERS_POLL_INTERVAL": "0.2"},
+            env={**os.environ, "UPSTREAM_URL": f"{self.fake.url}#slots=3, {down}", "USERS_POLL_INTERVAL": "0.2"},
             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
 
@@ -74,6 +75,7 @@ class SubprocessGatewayTests(GatewayTestCase):
         self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
         metrics = await (await self.call("GET", "/metrics", key=None, url=url)).json()
         self.assertEqual(metrics["users"]["alice"]["requests"], 1)
+        self.assertEqual([(u["url"], u["places"]) for u in metrics["upstreams"]], [(self.fake.url, 3), (down, 1)])
         proc.terminate()
         output, _ = await deferToThread(proc.communicate, timeout=30)
         self.assertIn("does not exist", output)

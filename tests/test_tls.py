@@ -30,7 +30,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from twisted_gw.config import Config
+from twisted_gw.config import Config, UpstreamSpec
 from twisted_gw.service import Gateway
 from twisted_gw.testing import FakeLlama
 from twisted_gw.tls import server_endpoint
@@ -69,7 +69,7 @@ class TLSTests(TestCase):
         if not self.fake._port:
             await self.fake.start()
             self.addCleanup(self.fake.stop)
-        config.setdefault("upstream", self.fake.url)
+        config.setdefault("upstreams", (UpstreamSpec(config.pop("upstream", self.fake.url)),))
         config.setdefault("upstream_check_interval", 0)
         gateway = Gateway(Config(users_file=self.users, usage_db="none", **config), reactor)
         endpoint, factory = server_endpoint(reactor, f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1")

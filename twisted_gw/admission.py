@@ -1,6 +1,6 @@
 """
-Admission to the upstream: a L{DeferredSemaphore} of C{max_concurrent} places,
-and in front of it a fair, bounded queue of the requests waiting for one.
+Admission to the upstreams: their places (L{twisted_gw.routing}), and in front
+of them one fair, bounded queue of the requests waiting for one.
 
 Waiting requests are kept per user and handed the next free place by
 start-time fair queuing (L{twisted_gw.fairness}), weighted per user; within one
@@ -11,19 +11,24 @@ than C{queue_timeout} fails with L{QueueTimeout}; an arrival that finds
 C{max_queue} waiters, or its user's C{max_queued}, fails at once with
 L{QueueFull}; after L{close}, every waiter and arrival fails with
 L{ShuttingDown}.  A user at its C{max_concurrent} is skipped until one of its
-requests ends.  Pure logic: time comes from the injected clock.
+requests ends, and so is a request whose model only busy or unhealthy
+upstreams serve.  A granted place is on one upstream, the one with the most
+free places (L{Router.choose}).  Whatever changes what could run (a release,
+an upstream's health or places) goes through L{Admission.changed}.  Pure
+logic: time comes from the injected clock.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
+from typing import Optional, Union
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from twisted_gw.fairness import Entry, FairScheduler
+from twisted_gw.routing import Route, Router
 
 PositionCallback = Callable[[int], None]
 
@@ -46,17 +51,18 @@ class ShuttingDown(Exception):
 
 @attrs.define(eq=False)
 class Ticket:
-    """A place held in the upstream's concurrency limit; release it exactly once."""
+    """A place held on one upstream (L{route}); release it exactly once."""
 
     _admission: Admission
     user: str
     waited: bool
+    route: Route
     released: bool = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._admission._released(self.user)
+            self._admission._released(self.user, self.route)
 
 
 @attrs.define(eq=False)
@@ -64,6 +70,8 @@ class _Waiter:
     entry: Entry
     deferred: Deferred[Ticket]
     on_position: Optional[PositionCallback]
+    model: Optional[str] = None
+    exclude: frozenset[Route] = frozenset()
     timer: Optional[IDelayedCall] = None
     position: int = 0
 
@@ -72,9 +80,9 @@ class Admission:
     """The generation queue in front of the upstream."""
 
     def __init__(
-        self, limit: int, clock: IReactorTime, max_queue: int = 100, queue_timeout: float = 600.0
+        self, places: Union[int, Router], clock: IReactorTime, max_queue: int = 100, queue_timeout: float = 600.0
     ) -> None:
-        self._semaphore = DeferredSemaphore(limit)
+        self.router = Router.single(places) if isinstance(places, int) else places
         self.clock = clock
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
@@ -86,7 +94,8 @@ class Admission:
 
     @property
     def limit(self) -> int:
-        return self._semaphore.limit
+        """The concurrency total: the places of the healthy upstreams."""
+        return self.router.places
 
     @property
     def waiting(self) -> int:
@@ -94,11 +103,11 @@ class Admission:
 
     @property
     def active(self) -> int:
-        return self._semaphore.limit - self._semaphore.tokens
+        return self.router.active
 
     @property
     def free(self) -> int:
-        return self._semaphore.tokens
+        return self.router.free
 
     def running_of(self, user: str) -> int:
         return self._running.get(user, 0)
@@ -115,6 +124,13 @@ class Admission:
         cap = self._caps.get(user)
         return cap is None or self._running.get(user, 0) < cap
 
+    def _route_for(self, entry: Entry) -> Optional[Route]:
+        """Where C{entry} would run now, if it may: a free place for its model, its user under its cap."""
+        if not self._can_run(entry.user):
+            return None
+        waiter = self._waiters[entry]
+        return self.router.best(waiter.model, waiter.exclude)
+
     def acquire(
         self,
         on_position: Optional[PositionCallback] = None,
@@ -123,35 +139,44 @@ class Admission:
         weight: float = 1.0,
         max_concurrent: Optional[int] = None,
         max_queued: Optional[int] = None,
+        model: Optional[str] = None,
+        exclude: frozenset[Route] = frozenset(),
+        first: bool = False,
     ) -> Deferred[Ticket]:
         """
-        Wait for a place.  Fires with a L{Ticket}; C{on_position} is called with
-        the waiter's position when it has to wait and whenever that changes.
-        Cancel the result to give up the place in the queue.
+        Wait for a place on an upstream that serves C{model}, other than
+        C{exclude}.  Fires with a L{Ticket}; C{on_position} is called with the
+        waiter's position when it has to wait and whenever that changes.
+        Cancel the result to give up the place in the queue.  C{first}: a
+        request that was admitted already and lost its upstream (failover)
+        goes to the head of the queue, past the queue limits.
         """
         if self.closed:
             return fail(ShuttingDown())
         self._caps[user] = max_concurrent
-        if self._semaphore.tokens > 0 and self._can_run(user):
-            self._scheduler.admit_now(user, weight)
-            return succeed(self._grant(user, waited=False))
-        if len(self._waiters) >= self.max_queue:
-            return fail(QueueFull())
-        if max_queued is not None and self._scheduler.waiting_of(user) >= max_queued:
-            return fail(QueueFull(per_user=True))
-        entry = self._scheduler.enqueue(user, weight)
+        route = self.router.choose(model, exclude) if self._can_run(user) else None
+        if route is not None:
+            if not first:
+                self._scheduler.admit_now(user, weight)
+            return succeed(self._grant(user, route, waited=first))
+        if not first:
+            if len(self._waiters) >= self.max_queue:
+                return fail(QueueFull())
+            if max_queued is not None and self._scheduler.waiting_of(user) >= max_queued:
+                return fail(QueueFull(per_user=True))
+        entry = self._scheduler.enqueue_first(user) if first else self._scheduler.enqueue(user, weight)
         d: Deferred[Ticket] = Deferred(lambda _: self._leave(waiter))
-        waiter = _Waiter(entry, d, on_position)
+        waiter = _Waiter(entry, d, on_position, model, exclude)
         self._waiters[entry] = waiter
         waiter.timer = self.clock.callLater(self.queue_timeout, self._expire, waiter, QueueTimeout)
         self._renumber()
         return d
 
-    def _grant(self, user: str, waited: bool) -> Ticket:
-        taken = self._semaphore.acquire()
-        assert taken.called, "granted only while the semaphore has a free token"
+    def _grant(self, user: str, route: Route, waited: bool) -> Ticket:
+        assert route.free > 0, "granted only where a place is free"
+        route.active += 1
         self._running[user] = self._running.get(user, 0) + 1
-        return Ticket(self, user, waited)
+        return Ticket(self, user, waited, route)
 
     def _leave(self, waiter: _Waiter) -> None:
         """Take a waiter out of the queue (its Deferred is being cancelled or failed)."""
@@ -160,8 +185,7 @@ class Admission:
         self._scheduler.remove(waiter.entry)
         if waiter.timer is not None and waiter.timer.active():
             waiter.timer.cancel()
-        self._dispatch()
-        self._renumber()
+        self.changed()
 
     def _expire(self, waiter: _Waiter, error: type[Exception]) -> None:
         self._leave(waiter)
@@ -173,23 +197,30 @@ class Admission:
         for waiter in list(self._waiters.values()):
             self._expire(waiter, ShuttingDown)
 
-    def _released(self, user: str) -> None:
+    def _released(self, user: str, route: Route) -> None:
         self._running[user] -= 1
         if not self._running[user]:
             del self._running[user]
-        self._semaphore.release()
+        route.active -= 1
+        self.changed()
+
+    def changed(self) -> None:
+        """Places may have come free (a release, an upstream healthy again or with more slots): hand them out."""
         self._dispatch()
         self._renumber()
 
     def _dispatch(self) -> None:
-        while self._semaphore.tokens > 0:
-            entry = self._scheduler.pop_next(self._can_run)
-            if entry is None:
+        while self.router.free > 0:
+            found = self._scheduler.pop_next(lambda entry: self._route_for(entry) is not None)
+            if found is None:
                 return
+            entry = found
             waiter = self._waiters.pop(entry)
+            route = self.router.choose(waiter.model, waiter.exclude)
+            assert route is not None
             if waiter.timer is not None and waiter.timer.active():
                 waiter.timer.cancel()
-            waiter.deferred.callback(self._grant(entry.user, waited=True))
+            waiter.deferred.callback(self._grant(entry.user, route, waited=True))
 
     def _renumber(self) -> None:
         for index, entry in enumerate(self._scheduler.order(), start=1):

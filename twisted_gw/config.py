@@ -74,17 +74,50 @@ def _readable_file_or_empty(name: str) -> Callable[[str], str]:
     return parse
 
 
-def _upstream_url(text: str) -> str:
-    parts = urlsplit(text.strip())
+@attrs.frozen
+class UpstreamSpec:
+    """One C{--upstream}: its base URL and, when given with C{#slots=N}, its places."""
+
+    url: str
+    slots: Optional[int] = None
+
+
+def upstream_spec(text: str) -> UpstreamSpec:
+    """C{http://host:port[/prefix][#slots=N]}, checked."""
+    text = text.strip()
+    parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"upstream must be an http:// or https:// URL with a host, not {text!r}")
     try:
         _ = parts.port
     except ValueError:
         raise ConfigError(f"upstream has an invalid port: {text!r}") from None
-    if parts.query or parts.fragment:
-        raise ConfigError(f"upstream must not carry a query or fragment: {text!r}")
-    return text.strip().rstrip("/")
+    if parts.query:
+        raise ConfigError(f"upstream must not carry a query: {text!r}")
+    slots = None
+    if parts.fragment:
+        name, _, value = parts.fragment.partition("=")
+        if name != "slots":
+            raise ConfigError(f"upstream {text!r}: the only option after '#' is slots=N")
+        slots = _positive_int("upstream slots")(value)
+    return UpstreamSpec(text.partition("#")[0].rstrip("/"), slots)
+
+
+def _upstream_list(text: str) -> tuple[UpstreamSpec, ...]:
+    specs = tuple(upstream_spec(item) for item in text.replace(",", " ").split() if item)
+    if not specs:
+        raise ConfigError("upstream needs at least one URL")
+    urls = [s.url for s in specs]
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"upstream given twice: {sorted(u for u in urls if urls.count(u) > 1)[0]}")
+    return specs
+
+
+def _auto_or_positive_int(name: str) -> Callable[[str], Optional[int]]:
+    def parse(text: str) -> Optional[int]:
+        return None if text.strip().lower() == "auto" else _positive_int(name)(text)
+
+    return parse
 
 
 def _queue_events(text: str) -> str:
@@ -119,9 +152,6 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("upstream", "UPSTREAM_URL", "http://127.0.0.1:8080",
-            "Base URL of the OpenAI-compatible upstream (llama.cpp server).",
-            _upstream_url, "upstream"),
     Setting("upstream-api-key", "UPSTREAM_API_KEY", "",
             "Bearer key the upstream itself requires (llama.cpp --api-key); clients' keys are never forwarded.",
             str, "upstream_api_key"),
@@ -129,9 +159,10 @@ SETTINGS: tuple[Setting, ...] = (
             "PEM file of the CA(s) that sign an https:// upstream's certificate (a private CA); "
             "empty: the system's trust store. The host name is always verified.",
             _readable_file_or_empty("upstream-ca"), "upstream_ca"),
-    Setting("max-concurrent", "MAX_CONCURRENT", "1",
-            "Generation requests (POST) sent to the upstream at once; the rest queue.",
-            _positive_int("max-concurrent"), "max_concurrent"),
+    Setting("max-concurrent", "MAX_CONCURRENT", "auto",
+            "Generation requests (POST) sent to each upstream at once (its places), unless its URL says "
+            "#slots=N; the rest queue. 'auto': llama.cpp's total_slots from GET /props, else 1.",
+            _auto_or_positive_int("max-concurrent"), "max_concurrent"),
     Setting("users", "USERS_FILE", "users.json",
             "Path of the users file mapping API keys to user names.",
             str, "users_file"),
@@ -187,8 +218,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Default tokens_per_day quota per user (UTC day), prompt + completion (0: none).",
             _optional_limit("user-tokens-per-day"), "user_tokens_per_day"),
     Setting("upstream-check-interval", "UPSTREAM_CHECK_INTERVAL", "5",
-            "Seconds between checks of the upstream's /health (and llama.cpp's slots) for /metrics and "
-            "the dashboard; 0: no checks.",
+            "Seconds between checks of each upstream's /health, models and (llama.cpp) slots; an "
+            "unhealthy upstream gets no new requests. 0: no checks (every upstream counts as healthy).",
             _seconds("upstream-check-interval", zero_allowed=True), "upstream_check_interval"),
     Setting("users-poll-interval", "USERS_POLL_INTERVAL", "2",
             "Seconds between checks of the users file for changes.",
@@ -196,15 +227,19 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+UPSTREAM_ENV = "UPSTREAM_URL"
+UPSTREAM_DEFAULT = "http://127.0.0.1:8080"
+
+
 @attrs.frozen
 class Config:
     """The gateway's settings, checked and final."""
 
     listen: tuple[str, ...] = ("tcp:8000",)
-    upstream: str = "http://127.0.0.1:8080"
+    upstreams: tuple[UpstreamSpec, ...] = (UpstreamSpec(UPSTREAM_DEFAULT),)
     upstream_api_key: str = ""
     upstream_ca: str = ""
-    max_concurrent: int = 1
+    max_concurrent: Optional[int] = None  # None: auto
     users_file: str = "users.json"
     queue_events: str = "comment"
     keepalive_interval: float = 15.0
@@ -255,6 +290,16 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["upstream"] = []
+
+    def opt_upstream(self, url: str) -> None:
+        """
+        Base URL of an OpenAI-compatible upstream (llama.cpp server); '/v1/...' is
+        appended. Repeat for several; add '#slots=N' to set its places
+        (e.g. http://gpu2:8080#slots=4). [env: UPSTREAM_URL, comma or space
+        separated] [default: http://127.0.0.1:8080]
+        """
+        self["upstream"].append(url)
 
     def opt_listen(self, description: str) -> None:
         """
@@ -284,6 +329,9 @@ def build_config(options: Mapping[str, object], environ: Mapping[str, str]) -> C
     listen = options.get("listen") or _listen_list(environ.get(LISTEN_ENV) or LISTEN_DEFAULT)
     assert isinstance(listen, (list, tuple))
     values["listen"] = tuple(_check_endpoint(str(d)) for d in listen)
+    upstreams = options.get("upstream") or []
+    given = " ".join([upstreams] if isinstance(upstreams, str) else map(str, upstreams))  # type: ignore[call-overload]
+    values["upstreams"] = _upstream_list(given or environ.get(UPSTREAM_ENV) or UPSTREAM_DEFAULT)
     values["public_metrics"] = bool(options.get("public-metrics")) or _truthy(environ.get("PUBLIC_METRICS", ""))
     return Config(**values)  # type: ignore[arg-type]
 

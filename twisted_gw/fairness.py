@@ -63,16 +63,25 @@ class FairScheduler:
         self._waiting.insert(index, entry)
         return entry
 
+    def enqueue_first(self, user: str) -> Entry:
+        """A request put back at the head (it ran already, and its upstream failed); it costs no share again."""
+        entry = Entry(user, float("-inf"), next(self._seq))
+        index = 0
+        while index < len(self._waiting) and self._waiting[index].key < entry.key:
+            index += 1
+        self._waiting.insert(index, entry)
+        return entry
+
     def remove(self, entry: Entry) -> None:
         """A waiter left (cancelled, timed out); its share is given back if it was its user's last."""
         self._waiting.remove(entry)
         if self._finish.get(entry.user) is not None and not self.waiting_of(entry.user):
             self._finish[entry.user] = max(self._virtual, entry.start)
 
-    def pop_next(self, can_run: Callable[[str], bool] = lambda user: True) -> Entry | None:
-        """The next request to run, skipping users that may not run more now."""
+    def pop_next(self, can_run: Callable[[Entry], bool] = lambda entry: True) -> Entry | None:
+        """The next request to run, skipping those that may not run now (user at its cap, no upstream)."""
         for index, entry in enumerate(self._waiting):
-            if can_run(entry.user):
+            if can_run(entry):
                 del self._waiting[index]
                 self._virtual = max(self._virtual, entry.start)
                 return entry

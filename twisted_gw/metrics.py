@@ -9,11 +9,11 @@ from twisted_gw.admission import Admission
 from twisted_gw.auth import UserSettings
 from twisted_gw.proxy import Proxy
 from twisted_gw.quota import Quotas
-from twisted_gw.upstream import Upstream
+from twisted_gw.routing import OK, UNKNOWN, Router
 
 
 def snapshot(
-    admission: Admission, accounting: Accounting, proxy: Optional[Proxy] = None, upstream: Optional[Upstream] = None
+    admission: Admission, accounting: Accounting, proxy: Optional[Proxy] = None, router: Optional[Router] = None
 ) -> dict[str, Any]:
     """
     The original gateway's keys (C{tokens} and C{per_user_tokens} count
@@ -23,8 +23,12 @@ def snapshot(
     doc = _snapshot(admission, accounting, totals)
     if proxy is not None:
         doc["streams"] = proxy.live()
-    if upstream is not None:
-        doc["upstream"] = {"reachable": upstream.reachable, "slots": upstream.slots}
+    if router is not None:
+        states = {r.state for r in router.routes}
+        # the whole: reachable when any upstream is (None before any check)
+        reachable = True if OK in states else None if states == {UNKNOWN} else False
+        doc["upstream"] = {"reachable": reachable, "slots": router.places}
+        doc["upstreams"] = [r.describe() for r in router.routes]
     return doc
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from twisted_gw.accounting import RequestRecord
@@ -27,10 +27,24 @@ class _QueueCollector(Collector):
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield GaugeMetricFamily("llmgw_queue_waiting", "Requests waiting for a place", value=self.admission.waiting)
         yield GaugeMetricFamily("llmgw_queue_active", "Requests holding a place", value=self.admission.active)
-        yield GaugeMetricFamily("llmgw_queue_limit", "Places (--max-concurrent)", value=self.admission.limit)
+        yield GaugeMetricFamily("llmgw_queue_limit", "Places of the healthy upstreams, in all",
+                                value=self.admission.limit)
+        healthy = GaugeMetricFamily("llmgw_upstream_healthy", "1 when the upstream gets new requests",
+                                    labels=["upstream", "state"])
+        active = GaugeMetricFamily("llmgw_upstream_active", "Requests holding a place on the upstream",
+                                   labels=["upstream"])
+        places = GaugeMetricFamily("llmgw_upstream_places", "The upstream's places (slots)", labels=["upstream"])
+        failovers = CounterMetricFamily("llmgw_upstream_failovers", "Requests the upstream could not take "
+                                        "that went to another one", labels=["upstream"])
+        for route in self.admission.router.routes:
+            healthy.add_metric([route.name, route.state], 1 if route.routable else 0)
+            active.add_metric([route.name], route.active)
+            places.add_metric([route.name], route.places)
+            failovers.add_metric([route.name], route.failovers)
+        yield from (healthy, active, places, failovers)
 
 
 class PrometheusMetrics:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, Optional, TypeVar
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -42,6 +42,7 @@ from twisted_gw.checks import (
 )
 from twisted_gw.errors import GatewayError, bad_gateway, error_document, gateway_timeout, unavailable
 from twisted_gw.quota import Quotas
+from twisted_gw.routing import DOWN, LOADING, Route, models_in, union_of_model_lists
 from twisted_gw.upstream import Upstream, stream_body
 
 log = Logger(namespace="llmgw.access")
@@ -79,6 +80,8 @@ class Exchange:
     first_token_at: Optional[float] = None
     error: Optional[str] = None
     running: bool = False  # past the queue
+    ticket: Optional[Ticket] = None
+    upstream: Optional[Upstream] = None  # the one it went to (last)
 
     def write(self, data: bytes) -> None:
         self.request.write(data)
@@ -125,9 +128,9 @@ class Exchange:
 
 @attrs.define
 class Proxy:
-    """Forwards C{/v1} requests to the upstream through the admission queue."""
+    """Forwards C{/v1} requests to the upstreams through the admission queue."""
 
-    upstream: Upstream
+    upstreams: list[Upstream]
     admission: Admission
     accounting: Accounting
     clock: IReactorTime
@@ -136,11 +139,21 @@ class Proxy:
     upstream_timeout: float = 600.0
     idle_timeout: float = 300.0
     assemble_non_stream: str = "auto"
+    health_checks: bool = False  # a failed upstream is taken out of routing until a check finds it up
     sinks: list[Callable[[RequestRecord], None]] = attrs.Factory(list)
     settings_for: Callable[[str], UserSettings] = lambda user: UserSettings()
     quotas: Optional[Quotas] = None
     active: set[Exchange] = attrs.Factory(set)
     _idle: list[Deferred[None]] = attrs.Factory(list)
+    _by_route: dict[Route, Upstream] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._by_route = {u.route: u for u in self.upstreams}
+
+    @property
+    def upstream(self) -> Upstream:
+        """The first upstream (the only one, usually)."""
+        return self.upstreams[0]
 
     async def handle(self, request: Request, user: str) -> None:
         check_method(request.method)
@@ -149,15 +162,17 @@ class Proxy:
         info = inspect_body(body, request.getHeader(b"content-type"))
         ex = Exchange(request, user, self.clock.seconds(), stream=info.stream, model=info.model)
         settings = self.settings_for(user)
-        ticket: Optional[Ticket] = None
         self.active.add(ex)
         try:
             if self.quotas is not None:
                 self._check_quota(ex, settings)
             if request.method == b"POST":
-                ticket = await self._admit(ex, settings)
+                ex.ticket = await self._admit(ex, settings)
             ex.running = True
-            await self._forward(ex, uri, body, info)
+            if request.method == b"GET" and uri.partition(b"?")[0] == b"/v1/models" and len(self.upstreams) > 1:
+                await self._models_union(ex)
+            else:
+                await self._forward(ex, uri, body, info, settings)
         except CancelledError:
             ex.cancelled = True
             raise
@@ -166,8 +181,8 @@ class Proxy:
             self._report(ex, e)
         finally:
             self._stop_keepalive(ex)
-            if ticket is not None:
-                ticket.release()
+            if ex.ticket is not None:
+                ex.ticket.release()
             self.active.discard(ex)
             self._account(ex, request)
             if not self.active:
@@ -191,6 +206,7 @@ class Proxy:
                 "elapsed_s": round(now - ex.started, 3),
                 "tokens": tokens,
                 "tokens_per_second": round(tokens / (now - since), 2) if since is not None and now > since else None,
+                "upstream": ex.upstream.base_url if ex.upstream is not None else None,
             })
         return sorted(streams, key=lambda s: -s["elapsed_s"])
 
@@ -221,12 +237,14 @@ class Proxy:
                 {b"Retry-After": str(max(1, math.ceil(spent.retry_after))).encode()},
             )
 
-    async def _admit(self, ex: Exchange, settings: UserSettings) -> Ticket:
+    async def _admit(self, ex: Exchange, settings: UserSettings, exclude: frozenset[Route] = frozenset()) -> Ticket:
+        """A place on an upstream for C{ex}; C{exclude}: upstreams that failed it (it goes first in the queue)."""
         on_position = (lambda n: self._queued(ex, n)) if ex.stream else None
         try:
             ticket = await self.admission.acquire(
                 on_position, user=ex.user, weight=settings.weight,
                 max_concurrent=settings.max_concurrent, max_queued=settings.max_queued,
+                model=ex.model, exclude=exclude, first=bool(exclude),
             )
         except QueueFull as e:
             if e.per_user:
@@ -251,7 +269,7 @@ class Proxy:
         """Seconds until a place is likely free: the queue ahead times the mean request time."""
         per_request = self.accounting.average_response_time() or 10.0
         ahead = self.admission.waiting + 1
-        return max(1, min(600, math.ceil(per_request * ahead / self.admission.limit)))
+        return max(1, min(600, math.ceil(per_request * ahead / max(1, self.admission.limit))))
 
     def _queued(self, ex: Exchange, position: int) -> None:
         if not ex.headers_sent:
@@ -283,7 +301,7 @@ class Proxy:
         headers.setRawHeaders(GATEWAY_USER_HEADER, [user.encode("utf-8")])
         return headers
 
-    async def _assembly_for(self, ex: Exchange, uri: bytes, info: BodyInfo) -> Optional[Assembler]:
+    async def _assembly_for(self, ex: Exchange, upstream: Upstream, uri: bytes, info: BodyInfo) -> Optional[Assembler]:
         """An assembler if this non-streaming generation is to be sent upstream as a stream."""
         path = uri.partition(b"?")[0]
         if (
@@ -295,12 +313,12 @@ class Proxy:
         ):
             return None
         if self.assemble_non_stream == "auto" and not await ex.wait(
-            Deferred.fromCoroutine(self.upstream.is_llamacpp())
+            Deferred.fromCoroutine(upstream.is_llamacpp())
         ):
             return None
         return Assembler(chat=ASSEMBLED_PATHS[path])
 
-    async def _needs_usage_injection(self, ex: Exchange, uri: bytes, info: BodyInfo) -> bool:
+    async def _needs_usage_injection(self, ex: Exchange, upstream: Upstream, uri: bytes, info: BodyInfo) -> bool:
         """
         A stream from an upstream that sends neither C{usage} nor llama.cpp's
         C{timings} unless asked: ask it for usage, when the client did not.
@@ -312,16 +330,44 @@ class Proxy:
         options = info.document.get("stream_options")
         if isinstance(options, dict) and "include_usage" in options:
             return False
-        return not await ex.wait(Deferred.fromCoroutine(self.upstream.is_llamacpp()))
+        return not await ex.wait(Deferred.fromCoroutine(upstream.is_llamacpp()))
 
-    async def _forward(self, ex: Exchange, uri: bytes, body: bytes, info: BodyInfo) -> None:
-        request = ex.request
-        headers = self._upstream_headers(request, ex.user)
-        assembler = await self._assembly_for(ex, uri, info)
+    async def _forward(self, ex: Exchange, uri: bytes, body: bytes, info: BodyInfo, settings: UserSettings) -> None:
+        """
+        Send the request upstream and relay the answer.  An upstream that
+        cannot be reached, or answers 503 (loading), before anything of it was
+        relayed is left for another that may serve the request (failover).
+        """
+        headers = self._upstream_headers(ex.request, ex.user)
+        tried: list[Route] = []
+        while True:
+            route = ex.ticket.route if ex.ticket is not None else self.admission.router.any(ex.model, tried)
+            assert route is not None, "a request is only sent on when an upstream is left"
+            upstream = ex.upstream = self._by_route[route]
+            tried.append(route)
+            try:
+                response, assembler, injected_usage = await self._send(ex, upstream, uri, body, info, headers)
+            except _Unreachable as e:
+                if not await self._fail_over(ex, upstream, tried, settings):
+                    raise bad_gateway(f"The upstream could not be reached: {_reason(e.cause)}") from None
+                continue
+            if response.code == 503 and await self._fail_over(ex, upstream, tried, settings, response):
+                continue
+            break
+        if assembler is not None and response.code == 200 and _is_event_stream(response):
+            await self._assemble(ex, response, assembler)
+        else:
+            await self._relay(ex, response, injected_usage)
+
+    async def _send(
+        self, ex: Exchange, upstream: Upstream, uri: bytes, body: bytes, info: BodyInfo, headers: Headers
+    ) -> tuple[IResponse, Optional[Assembler], bool]:
+        """The upstream's response (headers); L{_Unreachable} when it could not be had."""
+        assembler = await self._assembly_for(ex, upstream, uri, info)
         injected_usage = False
         if assembler is not None:
             body = as_stream_request(info.document)
-        elif await self._needs_usage_injection(ex, uri, info):
+        elif await self._needs_usage_injection(ex, upstream, uri, info):
             body = with_usage_requested(info.document)
             injected_usage = True
         timer = self.clock.callLater(
@@ -329,18 +375,64 @@ class Proxy:
             gateway_timeout(f"The upstream sent no response within {self.upstream_timeout:g} s.", "upstream_timeout"),
         )
         try:
-            response = await ex.wait(self.upstream.request(request.method, uri, headers, body or None))
+            response = await ex.wait(upstream.request(ex.request.method, uri, headers.copy(), body or None))
         except (CancelledError, GatewayError):
             raise
         except Exception as e:
-            raise bad_gateway(f"The upstream could not be reached: {_reason(e)}") from None
+            raise _Unreachable(e) from None
         finally:
             if timer.active():
                 timer.cancel()
-        if assembler is not None and response.code == 200 and _is_event_stream(response):
-            await self._assemble(ex, response, assembler)
+        return response, assembler, injected_usage
+
+    async def _fail_over(
+        self, ex: Exchange, upstream: Upstream, tried: list[Route], settings: UserSettings,
+        response: Optional[IResponse] = None,
+    ) -> bool:
+        """
+        Take C{upstream} out of routing and get C{ex} a place on another one
+        (at the head of the queue); False when no other could serve it.  An
+        unwanted C{response} is dropped.
+        """
+        if self.health_checks:
+            upstream.failed(LOADING if response is not None else DOWN)
+        candidates = self.admission.router.candidates(ex.model, tried)
+        if ex.ticket is None:  # no place needed: any upstream not tried yet will do
+            candidates = candidates or [r for r in self.admission.router.routes if r not in tried]
+        if not candidates:
+            return False
+        upstream.route.failovers += 1
+        if response is not None:
+            stream_body(response, lambda data: None).done.addErrback(lambda _: None).cancel()
+        log.warn("{user}: {upstream} failed, trying another upstream", user=ex.user, upstream=upstream.base_url)
+        if ex.ticket is not None:
+            ex.ticket.release()
+            ex.ticket = None
+            ex.ticket = await self._admit(ex, settings, exclude=frozenset(tried))
         else:
-            await self._relay(ex, response, injected_usage)
+            self.admission.changed()
+        return True
+
+    async def _models_union(self, ex: Exchange) -> None:
+        """C{GET /v1/models} across upstreams: every model any of them serves, once."""
+        upstreams = [u for u in self.upstreams if u.route.routable] or self.upstreams
+        results = await ex.wait(
+            DeferredList([u.get_json(b"/v1/models") for u in upstreams], consumeErrors=True)
+        )
+        documents = []
+        for upstream, (ok, value) in zip(upstreams, results, strict=True):
+            if ok and value[0] == 200:
+                documents.append(value[1])
+                upstream.route.models = frozenset(e["id"] for e in models_in(value[1]))
+        if not documents:
+            raise bad_gateway("No upstream answered with its model list.")
+        body = json.dumps(union_of_model_lists(documents)).encode("utf-8")
+        ex.request.setResponseCode(200)
+        ex.request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        ex.request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+        ex.headers_sent = True
+        ex.status = 200
+        ex.request.write(body)
 
     def _copy_response_headers(self, ex: Exchange, response: IResponse, status: int,
                                drop: frozenset[bytes] = HOP_BY_HOP) -> None:
@@ -539,6 +631,14 @@ class Proxy:
 
 # The assembled answer has a length and type of its own.
 ASSEMBLED_DROP = HOP_BY_HOP | {b"content-type", b"content-length", b"cache-control", b"x-accel-buffering"}
+
+
+class _Unreachable(Exception):
+    """The upstream gave no response: connection refused, reset, DNS..."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def _is_event_stream(response: IResponse) -> bool:

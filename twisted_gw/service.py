@@ -20,6 +20,7 @@ from twisted_gw.metrics import me_document, snapshot
 from twisted_gw.prometheus import PrometheusMetrics
 from twisted_gw.proxy import Proxy
 from twisted_gw.quota import Quotas
+from twisted_gw.routing import Router
 from twisted_gw.tls import ReloadingContextFactory, server_endpoint
 from twisted_gw.upstream import Upstream
 from twisted_gw.web import GatewayApp, GatewaySite
@@ -32,20 +33,27 @@ class Gateway(Service):
         self.config = config
         self.reactor = reactor
         self.tls_contexts: list[ReloadingContextFactory] = []
-        self._health: Optional[LoopingCall] = None
+        self._health: list[LoopingCall] = []
+        self._checking: set[Deferred[None]] = set()
         self._previous_sighup: Any = None
         self.users = UsersFile(config.users_file, reactor, config.users_poll_interval)
-        self.admission = Admission(config.max_concurrent, reactor, config.max_queue, config.queue_timeout)
+        self.upstreams = [
+            Upstream(
+                reactor, spec.url, max_connections=(spec.slots or config.max_concurrent or 4) + 8,
+                api_key=config.upstream_api_key, ca_file=config.upstream_ca or None,
+                slots=spec.slots or config.max_concurrent,
+            )
+            for spec in config.upstreams
+        ]
+        self.router = Router([u.route for u in self.upstreams])
+        self.admission = Admission(self.router, reactor, config.max_queue, config.queue_timeout)
         self.accounting = Accounting(reactor)
-        self.upstream = Upstream(
-            reactor, config.upstream, max_connections=config.max_concurrent + 8,
-            api_key=config.upstream_api_key, ca_file=config.upstream_ca or None,
-        )
         self.proxy = Proxy(
-            self.upstream, self.admission, self.accounting, reactor,
+            self.upstreams, self.admission, self.accounting, reactor,
             queue_events=config.queue_events, keepalive_interval=config.keepalive_interval,
             upstream_timeout=config.upstream_timeout, idle_timeout=config.idle_timeout,
             assemble_non_stream=config.assemble_non_stream,
+            health_checks=config.upstream_check_interval > 0,
         )
         self.quotas = Quotas(reactor)
         self.proxy.quotas = self.quotas
@@ -58,13 +66,29 @@ class Gateway(Service):
         self.app = GatewayApp(
             self.proxy,
             lambda key: self.users.current.lookup(key),
-            lambda: snapshot(self.admission, self.accounting, self.proxy, self.upstream),
+            lambda: snapshot(self.admission, self.accounting, self.proxy, self.router),
             self.prometheus.render,
             lambda user: me_document(user, self.settings_for(user), self.accounting, self.admission, self.quotas),
             metrics_token=config.metrics_token,
             public_metrics=config.public_metrics,
         )
         self.site = GatewaySite(self.app.resource(), max_body=config.max_body)
+
+    @property
+    def upstream(self) -> Upstream:
+        """The first upstream (the only one, usually)."""
+        return self.upstreams[0]
+
+    def check(self, upstream: Upstream) -> Deferred[None]:
+        """Check one upstream, then hand out whatever places its new state frees."""
+        d = upstream.check()
+        self._checking.add(d)
+
+        def checked(_: None) -> None:
+            self._checking.discard(d)
+            self.admission.changed()
+
+        return d.addCallback(checked)
 
     def reload_tls(self) -> None:
         """Read every TLS listener's certificate and key again (SIGHUP)."""
@@ -85,9 +109,11 @@ class Gateway(Service):
             self.accounting.restore_today(today)
             self.quotas.restore_today({user: t.prompt_tokens + t.completion_tokens for user, t in today.items()})
         if self.config.upstream_check_interval:
-            self._health = LoopingCall(self.upstream.check)
-            self._health.clock = self.reactor
-            self._health.start(self.config.upstream_check_interval, now=True)
+            for upstream in self.upstreams:
+                loop = LoopingCall(self.check, upstream)
+                loop.clock = self.reactor
+                loop.start(self.config.upstream_check_interval, now=True)
+                self._health.append(loop)
 
     def settings_for(self, user: str) -> UserSettings:
         """The user's own settings, with the gateway-wide defaults where it has none."""
@@ -111,8 +137,11 @@ class Gateway(Service):
         queue is answered 503, running requests get C{drain_timeout} seconds.
         """
         super().stopService()
-        if self._health is not None and self._health.running:
-            self._health.stop()
+        for loop in self._health:
+            if loop.running:
+                loop.stop()
+        for d in list(self._checking):
+            d.cancel()
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
@@ -123,7 +152,8 @@ class Gateway(Service):
         await self.proxy.drain(self.config.drain_timeout)
         if self.ledger is not None:
             await self.ledger.stop()
-        await self.upstream.close()
+        for upstream in self.upstreams:
+            await upstream.close()
 
 
 def ledger_enabled(path: str) -> bool:

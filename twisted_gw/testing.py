@@ -69,7 +69,8 @@ class FakeLlama:
     response starts), C{cache_n} (prompt tokens reported as cached), C{loading}
     (C{/health} answers 503), C{has_props} (C{/props} exists, as on llama.cpp),
     C{die_after} (the connection is dropped after that many tokens, like a
-    crashed server), C{manual}: each token then waits for L{release}, and
+    crashed server), C{model} (the one model it serves), C{manual}: each
+    token then waits for L{release}, and
     C{flavour}: C{"openai"} answers like OpenAI-style servers (vLLM...): no
     C{timings} and no C{/props}, usage in a stream only when asked for, and
     then C{"usage": null} on every other chunk.
@@ -87,20 +88,28 @@ class FakeLlama:
     has_props: bool = True
     scheme: str = "http"
     flavour: str = "llamacpp"
+    model: str = MODEL
     requests: list[Recorded] = attrs.Factory(list)
+    generating: int = 0  # generations in progress now
+    peak: int = 0  # the most generations ever in progress at once
     _permits: list[Deferred[None]] = attrs.Factory(list)
     _released: int = 0
     _port: Optional[IListeningPort] = None
+    _site: Optional[_TrackingSite] = None
     _arrivals: list[tuple[Optional[bytes], Deferred[Recorded]]] = attrs.Factory(list)
 
-    async def start(self, tls: Any = None) -> str:
-        """Listen on 127.0.0.1 (over TLS with the C{IOpenSSLContextFactory} C{tls}); the base URL."""
-        endpoint: Any = endpoints.TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+    async def start(self, tls: Any = None, port: int = 0) -> str:
+        """
+        Listen on 127.0.0.1 (over TLS with the C{IOpenSSLContextFactory} C{tls}),
+        on C{port} (to come back where it was after L{stop}); the base URL.
+        """
+        endpoint: Any = endpoints.TCP4ServerEndpoint(self.reactor, port, interface="127.0.0.1")
         if tls is not None:
-            endpoint = endpoints.SSL4ServerEndpoint(self.reactor, 0, tls, interface="127.0.0.1")
+            endpoint = endpoints.SSL4ServerEndpoint(self.reactor, port, tls, interface="127.0.0.1")
             self.scheme = "https"
-        site = server.Site(_FakeResource(self))
+        site = _TrackingSite(_FakeResource(self))
         site.noisy = False
+        self._site = site
         self._port = await endpoint.listen(site)
         return self.url
 
@@ -113,6 +122,28 @@ class FakeLlama:
         if self._port is not None:
             await maybeDeferred(self._port.stopListening)
             self._port = None
+
+    async def crash(self) -> int:
+        """Go down like a killed server: stop listening and drop every connection; the port it had."""
+        assert self._port is not None and self._site is not None
+        port = self.port
+        for channel in list(self._site.channels):
+            transport = getattr(getattr(channel, "_channel", channel), "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        await self.stop()
+        return port
+
+    @property
+    def listening(self) -> bool:
+        return self._port is not None
+
+    @property
+    def port(self) -> int:
+        assert self._port is not None
+        address = self._port.getHost()
+        assert isinstance(address, IPv4Address)
+        return address.port
 
     def release(self, count: int = 1) -> None:
         """Let C{count} more tokens out (manual mode)."""
@@ -152,6 +183,27 @@ class FakeLlama:
                 d.callback(rec)
             else:
                 self._arrivals.append((wanted, d))
+
+
+class _TrackingSite(server.Site):
+    """A site that knows its open connections (so that a fake crash can drop them)."""
+
+    def __init__(self, root: resource.Resource) -> None:
+        super().__init__(root)
+        self.channels: set[Any] = set()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        assert channel is not None
+        self.channels.add(channel)
+        lost = channel.connectionLost
+
+        def connection_lost(reason: Any) -> None:
+            self.channels.discard(channel)
+            lost(reason)
+
+        channel.connectionLost = connection_lost
+        return channel
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -195,9 +247,9 @@ class _FakeResource(resource.Resource):
             lambda _: self._ended(rec, completed=False),
         )
         path = request.path
+        if fake.loading:
+            return self._json(request, 503, _error(503, "Loading model", "unavailable_error"))
         if path == b"/health":
-            if fake.loading:
-                return self._json(request, 503, _error(503, "Loading model", "unavailable_error"))
             return self._json(request, 200, {"status": "ok"})
         if path == b"/props" and fake.has_props and fake.flavour == "llamacpp":
             return self._json(request, 200, {
@@ -206,7 +258,7 @@ class _FakeResource(resource.Resource):
             })
         if path == b"/v1/models":
             return self._json(request, 200, {"object": "list", "data": [
-                {"id": MODEL, "object": "model", "created": 0, "owned_by": "llamacpp"}
+                {"id": fake.model, "object": "model", "created": 0, "owned_by": "llamacpp"}
             ]})
         if path in (b"/v1/chat/completions", b"/v1/completions") and request.method == b"POST":
             try:
@@ -258,12 +310,15 @@ class _Generation:
         self.gone = False
         self.pending: Optional[Any] = None
         self.waiting_permit: Optional[Deferred[None]] = None
+        fake.generating += 1
+        fake.peak = max(fake.peak, fake.generating)
         rec.ended.addCallback(self._client_gone)
 
     def later(self, delay: float, f: Any) -> None:
         self.pending = self.fake.reactor.callLater(delay, f)
 
     def _client_gone(self, _: object) -> None:
+        self.fake.generating -= 1
         self.gone = not self.rec.completed
         if self.gone and self.pending is not None and self.pending.active():
             self.pending.cancel()
@@ -312,7 +367,7 @@ class _Generation:
 
     def _chunk(self, choices: list[Any], **extra: Any) -> dict[str, Any]:
         chunk = {
-            "choices": choices, "created": self.created, "id": self.id, "model": MODEL,
+            "choices": choices, "created": self.created, "id": self.id, "model": self.fake.model,
             "system_fingerprint": "b0000-fake",
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             **extra,
@@ -362,7 +417,7 @@ class _Generation:
             else:
                 choices = [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}]
             body = {
-                "choices": choices, "created": self.created, "model": MODEL,
+                "choices": choices, "created": self.created, "model": self.fake.model,
                 "system_fingerprint": "b0000-fake",
                 "object": "chat.completion" if self.chat else "text_completion",
                 "usage": usage, "id": self.id, "timings": timings,

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IPushProducer, IReactorTCP
+from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import trustRootFromCertificates
 from twisted.python.failure import Failure
@@ -38,7 +38,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
+from twisted_gw.routing import DOWN, LOADING, OK, Route, models_in
 from twisted_gw.tls import certificates_from_pem
+
+# A health check (or a model list asked for the union) that takes longer fails.
+CHECK_TIMEOUT = 5.0
 
 # llama.cpp's HTTP library closes idle keep-alive connections after 5 s; a POST
 # is never retried on a stale one (twisted #7843), so give them up first.
@@ -111,7 +115,10 @@ def _stale_connection(e: Exception) -> bool:
 
 
 class Upstream:
-    """Requests to one upstream base URL over a shared connection pool."""
+    """
+    Requests to one upstream base URL over a connection pool of its own, and
+    the checks that keep its L{Route} (health, slots, models) up to date.
+    """
 
     def __init__(
         self,
@@ -120,8 +127,11 @@ class Upstream:
         max_connections: int = 8,
         api_key: str = "",
         ca_file: Optional[str] = None,
+        slots: Optional[int] = None,
     ) -> None:
+        self.reactor = reactor
         self.base_url = base_url.rstrip("/")
+        self.route = Route(self.base_url, slots=slots)
         self.api_key = api_key
         self.pool = _Pool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections
@@ -130,8 +140,6 @@ class Upstream:
         self.agent = Agent(reactor, contextFactory=tls_policy(ca_file), pool=self.pool)
         self.retries = 0
         self._llamacpp: Optional[bool] = None
-        self.reachable: Optional[bool] = None  # from the last check(); None before the first
-        self.slots: Optional[int] = None
 
     def url(self, uri: bytes) -> bytes:
         """The upstream URL for a gateway request URI (path and query, kept as sent)."""
@@ -163,6 +171,11 @@ class Upstream:
         self.retries += 1
         return await self.agent.request(method, url, headers, BytesProducer(body) if body else None)
 
+    def get_json(self, uri: bytes, timeout: float = CHECK_TIMEOUT) -> Deferred[tuple[int, Any]]:
+        """C{GET uri}: its status and JSON body (None when not JSON), within C{timeout} seconds."""
+        d = Deferred.fromCoroutine(self._get_json(uri))
+        return d.addTimeout(timeout, cast(IReactorTime, self.reactor))
+
     async def _get_json(self, uri: bytes) -> tuple[int, Any]:
         response = await self.request(b"GET", uri, Headers(), None)
         chunks: list[bytes] = []
@@ -173,19 +186,42 @@ class Upstream:
             return response.code, None
 
     def check(self) -> Deferred[None]:
-        """Is the upstream up (C{GET /health} 200) and, for llama.cpp, how many slots has it? Never fails."""
+        """
+        Update the route: healthy when C{GET /health} answers 200 (or, for a
+        server without C{/health}, C{GET /v1/models} does), loading on 503,
+        down on anything else; when healthy, its models, and llama.cpp's
+        slot count when it has just come up.  Never fails.
+        """
         return Deferred.fromCoroutine(self._check())
 
     async def _check(self) -> None:
+        route = self.route
+        was = route.state
         try:
-            code, _ = await self._get_json(b"/health")
-            self.reachable = code == 200
-            if self.reachable and self.slots is None:
-                code, props = await self._get_json(b"/props")
-                if code == 200 and isinstance(props, dict) and isinstance(props.get("total_slots"), int):
-                    self.slots = props["total_slots"]
+            code, _ = await self.get_json(b"/health")
+            if code in (404, 405):  # no /health here (an OpenAI-style server): the model list will do
+                code, _ = await self.get_json(b"/v1/models")
+            state = OK if code == 200 else LOADING if code == 503 else DOWN
+            if state == OK:
+                if was != OK or route.discovered is None:
+                    # (re)started: it may have another build, other slots
+                    self._llamacpp = None
+                    route.discovered = await self._total_slots()
+                code, doc = await self.get_json(b"/v1/models")
+                if code == 200:
+                    route.models = frozenset(e["id"] for e in models_in(doc))
         except Exception:
-            self.reachable = False
+            state = DOWN
+        route.state = state
+
+    async def _total_slots(self) -> Optional[int]:
+        code, props = await self.get_json(b"/props")
+        slots = props.get("total_slots") if code == 200 and isinstance(props, dict) else None
+        return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0 else None
+
+    def failed(self, state: str = DOWN) -> None:
+        """A request found it down (or loading): out of routing until a check finds it up."""
+        self.route.state = state
 
     async def is_llamacpp(self) -> bool:
         """
