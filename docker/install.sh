@@ -4,7 +4,7 @@
 #
 #   docker/install.sh                                   # asks for what it needs
 #   docker/install.sh --non-interactive --upstream http://host.docker.internal:8080 \
-#       --user alice --max-concurrent 2 --tunnel-token "$TOKEN" [--no-start] [--dir DIR] [--force]
+#       --user alice --max-concurrent auto --tunnel-token "$TOKEN" [--no-start] [--dir DIR] [--force]
 #
 # Idempotent: an existing .env or user is kept (use --force to rewrite .env).  JSON is written by Python.
 set -euo pipefail
@@ -49,20 +49,26 @@ ask() {  # ask VAR "question" DEFAULT
 }
 
 ask upstream "Upstream URL (the llama.cpp server, as the container reaches it)" "http://host.docker.internal:8080"
-ask max_concurrent "Generations at once (llama.cpp --parallel)" "1"
+ask max_concurrent "Generations at once per upstream ('auto': llama.cpp's slots)" "auto"
 ask user "First user name" "admin"
 if [ "$interactive" = 1 ] && [ -z "$tunnel_token" ]; then
   read -r -s -p "Cloudflare tunnel token (empty: LAN only): " tunnel_token; echo
 fi
 
 # validate
-python3 - "$upstream" <<'PY' || die "invalid --upstream: $upstream (an http:// or https:// URL with a host)"
+python3 - "$upstream" <<'PY' || die "invalid --upstream: $upstream (http:// or https:// URLs with a host, comma separated, each optionally #slots=N)"
+import re
 import sys
 from urllib.parse import urlsplit
-parts = urlsplit(sys.argv[1])
-sys.exit(0 if parts.scheme in ("http", "https") and parts.hostname else 1)
+urls = [u for u in sys.argv[1].replace(",", " ").split() if u]
+ok = bool(urls)
+for url in urls:
+    parts = urlsplit(url)
+    ok = ok and parts.scheme in ("http", "https") and bool(parts.hostname)
+    ok = ok and (not parts.fragment or re.fullmatch(r"slots=[1-9][0-9]*", parts.fragment) is not None)
+sys.exit(0 if ok else 1)
 PY
-[[ "$max_concurrent" =~ ^[1-9][0-9]*$ ]] || die "invalid --max-concurrent: $max_concurrent (a whole number >= 1)"
+[[ "$max_concurrent" =~ ^([1-9][0-9]*|auto)$ ]] || die "invalid --max-concurrent: $max_concurrent (auto, or a whole number >= 1)"
 [[ "$user" =~ ^[A-Za-z0-9._@-]{1,64}$ ]] || die "invalid --user: $user (letters, digits, . _ @ -)"
 [[ "$tunnel_token" =~ ^[A-Za-z0-9._=+/-]*$ ]] || die "the tunnel token has unexpected characters"
 

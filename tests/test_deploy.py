@@ -98,14 +98,15 @@ class InstallerTests(SynchronousTestCase):
     def test_non_interactive_writes_env_and_users(self) -> None:
         target = os.path.abspath(self.mktemp())
         args = ("--non-interactive", "--no-start", "--dir", target, "--user", "alice",
-                "--upstream", "http://127.0.0.1:8080", "--max-concurrent", "2", "--tunnel-token", "tok.en-1")
+                "--upstream", "http://127.0.0.1:8080,http://127.0.0.1:8081#slots=4", "--max-concurrent", "auto",
+                "--tunnel-token", "tok.en-1")
         result = self.run_install(*args)
         self.assertEqual(result.returncode, 0, result.stderr)
         with open(os.path.join(target, ".env")) as f:
             env = dict(line.strip().split("=", 1) for line in f if "=" in line)
         self.assertEqual(set(env), set(env_example()))
         self.assertEqual((env["UPSTREAM_URL"], env["MAX_CONCURRENT"], env["TUNNEL_TOKEN"]),
-                         ("http://127.0.0.1:8080", "2", "tok.en-1"))
+                         ("http://127.0.0.1:8080,http://127.0.0.1:8081#slots=4", "auto", "tok.en-1"))
         self.assertGreater(len(env["METRICS_TOKEN"]), 20)
         self.assertEqual(os.stat(os.path.join(target, ".env")).st_mode & 0o777, 0o600)
         key = re.search(r"shown once\): (sk-\S+)", result.stdout)
@@ -124,7 +125,8 @@ class InstallerTests(SynchronousTestCase):
 
     def test_invalid_input_is_refused(self) -> None:
         target = os.path.abspath(self.mktemp())
-        for bad in (("--upstream", "ftp://x"), ("--max-concurrent", "0"), ("--user", "a b"),
+        for bad in (("--upstream", "ftp://x"), ("--upstream", "http://a:1,http://b:2#slots=0"),
+                    ("--max-concurrent", "0"), ("--max-concurrent", "many"), ("--user", "a b"),
                     ("--tunnel-token", "x;rm -rf /")):
             result = self.run_install("--non-interactive", "--no-start", "--dir", target, *bad)
             self.assertNotEqual(result.returncode, 0, bad)
