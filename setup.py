@@ -11,7 +11,7 @@ setup(
     packages=["twisted_gw", "twisted.plugins"],
     package_data={"twisted_gw": ["py.typed", "static/*.html"]},
     install_requires=[
-        "twisted>=24.7.0",
+        "twisted>=25.5.0",
         "klein>=24.8.0",
         "treq>=24.9.1",
         "pyopenssl>=24.0.0",

@@ -9,6 +9,7 @@ in-memory tests and buys nothing for a page this small).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -67,12 +68,21 @@ class PrometheusMetrics:
         self.tokens_per_second = Histogram("llmgw_generation_tokens_per_second", "Generation speed seen by clients",
                                            buckets=TPS_BUCKETS, registry=r)
         r.register(_QueueCollector(admission))
+        # labels() validates and locks on every call: keep each user's children
+        self._per_user: dict[str, tuple[Any, Any, Any]] = {}
 
     def observe(self, rec: RequestRecord) -> None:
-        self.requests.labels(rec.user).inc()
-        self.prompt_tokens.labels(rec.user).inc(rec.prompt_tokens)
-        self.completion_tokens.labels(rec.user).inc(rec.completion_tokens)
-        if rec.cancelled:
+        children = self._per_user.get(rec.user)
+        if children is None:
+            user = rec.user
+            children = self._per_user[user] = (
+                self.requests.labels(user), self.prompt_tokens.labels(user), self.completion_tokens.labels(user),
+            )
+        requests, prompt, completion = children
+        requests.inc()
+        prompt.inc(rec.prompt_tokens)
+        completion.inc(rec.completion_tokens)
+        if rec.cancelled:  # created on the first cancellation only
             self.cancelled.labels(rec.user).inc()
         if rec.error and rec.error.startswith("upstream_"):
             self.upstream_errors.labels(rec.error).inc()

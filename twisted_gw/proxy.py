@@ -312,9 +312,7 @@ class Proxy:
             or self.assemble_non_stream == "never"
         ):
             return None
-        if self.assemble_non_stream == "auto" and not await ex.wait(
-            Deferred.fromCoroutine(upstream.is_llamacpp())
-        ):
+        if self.assemble_non_stream == "auto" and not await self._is_llamacpp(ex, upstream):
             return None
         return Assembler(chat=ASSEMBLED_PATHS[path])
 
@@ -330,7 +328,14 @@ class Proxy:
         options = info.document.get("stream_options")
         if isinstance(options, dict) and "include_usage" in options:
             return False
-        return not await ex.wait(Deferred.fromCoroutine(upstream.is_llamacpp()))
+        return not await self._is_llamacpp(ex, upstream)
+
+    @staticmethod
+    async def _is_llamacpp(ex: Exchange, upstream: Upstream) -> bool:
+        known = upstream.llamacpp
+        if known is not None:  # asked once; no Deferred per request
+            return known
+        return await ex.wait(Deferred.fromCoroutine(upstream.is_llamacpp()))
 
     async def _forward(self, ex: Exchange, uri: bytes, body: bytes, info: BodyInfo, settings: UserSettings) -> None:
         """
@@ -616,16 +621,21 @@ class Proxy:
         self.accounting.record(record)
         for sink in self.sinks:
             sink(record)
+        # The line is formatted here, once: Twisted's event formatter is a
+        # pure-Python string.Formatter and costs several times an f-string.
+        # The fields stay on the event for the JSON observer.
+        note = (" (cancelled)" if record.cancelled else "") + (
+            " (estimated)" if record.usage_source == "estimate" else "")
         log.info(
-            "{method} {path} {status} user={user} wait={queue_wait:.3f}s time={duration:.3f}s "
-            "tokens={prompt_tokens}+{completion_tokens}{note}",
+            "{access}",
+            access=f"{record.method} {record.path} {record.status} user={record.user} "
+            f"wait={record.queue_wait:.3f}s time={record.duration:.3f}s "
+            f"tokens={record.prompt_tokens}+{record.completion_tokens}{note}",
             method=record.method, path=record.path, status=record.status, user=record.user,
             model=record.model, queue_wait=record.queue_wait, ttft=record.ttft, duration=record.duration,
             prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
             tokens_per_second=record.tokens_per_second, usage_source=record.usage_source,
-            cancelled=record.cancelled, error=record.error,
-            note=(" (cancelled)" if record.cancelled else "")
-            + (" (estimated)" if record.usage_source == "estimate" else ""),
+            cancelled=record.cancelled, error=record.error, note=note,
         )
 
 

@@ -114,6 +114,25 @@ def _stale_connection(e: Exception) -> bool:
     return False
 
 
+class _Agent(Agent):
+    """
+    An Agent that keeps one endpoint per (scheme, host, port): building a
+    HostnameEndpoint (IDNA encoding and all) for every request costs tens of
+    microseconds, and the endpoint is only used when the pool has no connection.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
+
+    def _getEndpoint(self, uri: Any) -> Any:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._endpoints[key] = super()._getEndpoint(uri)
+        return endpoint
+
+
 class Upstream:
     """
     Requests to one upstream base URL over a connection pool of its own, and
@@ -137,7 +156,7 @@ class Upstream:
         self.pool.maxPersistentPerHost = max_connections
         self.pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
         self.pool._factory = _QuietClientFactory
-        self.agent = Agent(reactor, contextFactory=tls_policy(ca_file), pool=self.pool)
+        self.agent = _Agent(reactor, contextFactory=tls_policy(ca_file), pool=self.pool)
         self.retries = 0
         self._llamacpp: Optional[bool] = None
 
@@ -154,22 +173,21 @@ class Upstream:
         without any answer is sent once more on a new one: POSTs included,
         which Twisted's pool never retries itself.
         """
-        return Deferred.fromCoroutine(self._request(method, uri, headers, body))
-
-    async def _request(self, method: bytes, uri: bytes, headers: Headers, body: Optional[bytes]) -> IResponse:
         url = self.url(uri)
         if self.api_key:
             # the upstream's own key (llama.cpp --api-key); never the client's
             headers.setRawHeaders(b"Authorization", [b"Bearer " + self.api_key.encode("utf-8")])
         d = self.agent.request(method, url, headers, BytesProducer(body) if body else None)
         reused = self.pool.reused
-        try:
-            return await d
-        except Exception as e:
-            if not (reused and _stale_connection(e)):
-                raise
-        self.retries += 1
-        return await self.agent.request(method, url, headers, BytesProducer(body) if body else None)
+
+        def retry(failure: Failure) -> Any:
+            if not (reused and _stale_connection(failure.value)):  # type: ignore[arg-type]
+                return failure
+            self.retries += 1
+            return self.agent.request(method, url, headers, BytesProducer(body) if body else None)
+
+        # a plain errback, not a coroutine: cancelling d reaches the retry's Deferred too
+        return d.addErrback(retry)
 
     def get_json(self, uri: bytes, timeout: float = CHECK_TIMEOUT) -> Deferred[tuple[int, Any]]:
         """C{GET uri}: its status and JSON body (None when not JSON), within C{timeout} seconds."""
@@ -222,6 +240,11 @@ class Upstream:
     def failed(self, state: str = DOWN) -> None:
         """A request found it down (or loading): out of routing until a check finds it up."""
         self.route.state = state
+
+    @property
+    def llamacpp(self) -> Optional[bool]:
+        """Whether the upstream is llama.cpp, once known (see L{is_llamacpp})."""
+        return self._llamacpp
 
     async def is_llamacpp(self) -> bool:
         """

@@ -16,9 +16,10 @@ from typing import Any, Optional
 import attrs
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
@@ -86,7 +87,48 @@ class GatewayApp:
         app.handle_errors(Exception)(self.internal_error)
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return _Front(self, self.app.resource())
+
+    def render_v1(self, request: server.Request) -> Any:
+        """
+        C{/v1/...} without Klein's routing (werkzeug's URL map costs more than
+        the rest of a small request): what Klein does for the C{/v1} branch,
+        directly.  The handler's Deferred is cancelled when the client leaves;
+        errors are rendered by the same handlers; the request is finished
+        unless the client has gone.
+        """
+        finished = False
+        d = Deferred.fromCoroutine(self.v1(request))
+
+        def gone(failure: Failure) -> None:
+            nonlocal finished
+            finished = True
+            d.cancel()
+
+        def done(result: object) -> None:
+            nonlocal finished
+            finished = True
+
+        request.notifyFinish().addCallbacks(done, gone)
+
+        def failed(failure: Failure) -> Optional[bytes]:
+            if finished:
+                if not failure.check(CancelledError):
+                    log.failure("Unhandled Error Processing Request.", failure)
+                return None
+            if failure.check(GatewayError):
+                return self.gateway_error(request, failure)
+            return self.internal_error(request, failure)
+
+        def respond(body: Optional[bytes]) -> None:
+            if body is not None:
+                request.write(body)
+            if not finished:
+                request.finish()
+
+        d.addErrback(failed).addCallback(respond)
+        d.addErrback(lambda f: log.failure("Unhandled Error writing response", f))
+        return server.NOT_DONE_YET
 
     def dashboard(self, request: IRequest) -> bytes:
         """The live dashboard: one self-contained page; its data comes from /metrics."""
@@ -176,6 +218,27 @@ class GatewayApp:
         return error_json("Internal gateway error", "server_error", "internal_error")
 
 
+class _Front(resource.Resource):
+    """
+    The site's root: plain C{/v1} requests go to L{GatewayApp.render_v1},
+    everything else (and any C{/v1} path with percent-escapes, which Klein
+    decodes and judges) to Klein's resource, unchanged.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: GatewayApp, klein: Any) -> None:
+        super().__init__()
+        self._app = app
+        self._klein = klein
+
+    def render(self, request: server.Request) -> Any:
+        path = request.path
+        if (path == b"/v1" or path.startswith(b"/v1/")) and b"%" not in path:
+            return self._app.render_v1(request)
+        return self._klein.render(request)
+
+
 class GatewayRequest(server.Request):
     """
     Keeps request bodies in memory (never a temporary file on the reactor
@@ -249,7 +312,9 @@ class GatewaySite(server.Site):
     protocol = GatewayChannel  # type: ignore[assignment]  # HTTP/1.1 only, no HTTP/2 wrapper
 
     def __init__(self, resource: Any, max_body: int = DEFAULT_MAX_BODY) -> None:
-        super().__init__(resource, requestFactory=GatewayRequest)
+        # A proxy forwards bodies as they are: never parse a form upload into
+        # request.args (that also cost ~100 us of email.message work per POST).
+        super().__init__(resource, requestFactory=GatewayRequest, parsePOSTFormSubmission=False)
         self.max_body = max_body
 
     def log(self, request: http.Request) -> None:
