@@ -280,3 +280,53 @@ def test_upstream_loading_and_down_are_reported(start_gateway: Any, tmp_path: An
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_two_servers_share_the_load_within_their_slots(llama: str, start_gateway: Any, tmp_path: Any) -> None:
+    """A second llama-server with 1 slot next to the 2-slot one: places read from /props, work on both, none over."""
+    port = free_port()
+    second = f"http://127.0.0.1:{port}"
+    proc = start_llama(port, str(tmp_path / "second.log"), "--parallel", "1")
+    try:
+        wait_for(second + "/health", lambda r: r.status_code == 200)
+        gateway = start_gateway(f"{llama},{second}", "--upstream-check-interval", "0.5")
+        deadline = time.monotonic() + 30
+        while [u["state"] for u in gateway.metrics()["upstreams"]] != ["ok", "ok"]:
+            assert time.monotonic() < deadline, gateway.metrics()["upstreams"]
+            time.sleep(0.1)
+        upstreams = gateway.metrics()["upstreams"]
+        assert [(u["places"], u["places_from"]) for u in upstreams] == [(2, "props"), (1, "props")]
+        assert gateway.metrics()["queue"]["max_concurrent"] == 3
+        peaks = {llama: 0, second: 0}
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                for url in peaks:
+                    peaks[url] = max(peaks[url], len(busy_slots(url)))
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        answers: list[str] = []
+
+        def ask() -> None:
+            reply = client(gateway).chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=32)
+            answers.append(reply.choices[0].message.content or "")
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stop.set()
+        watcher.join()
+        assert len(answers) == 6 and all(answers)
+        assert peaks[second] == 1 and 1 <= peaks[llama] <= 2, peaks  # both worked, neither over its slots
+        served = {u["url"]: u for u in gateway.metrics()["upstreams"]}
+        assert served[second]["active"] == served[llama]["active"] == 0
+        models = httpx.get(gateway.url + "/v1/models", headers={"Authorization": f"Bearer {ALICE}"}, timeout=10)
+        assert [m["id"] for m in models.json()["data"]] == [models.json()["data"][0]["id"]]  # one model, once
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -223,7 +223,9 @@ class Admission:
             waiter.deferred.callback(self._grant(entry.user, route, waited=True))
 
     def _renumber(self) -> None:
-        for index, entry in enumerate(self._scheduler.order(), start=1):
+        """Tell the waiters whose position changed: only those from the first that moved on."""
+        start = self._scheduler.take_changed()
+        for index, entry in enumerate(self._scheduler.order(start), start=start + 1):
             waiter = self._waiters[entry]
             if waiter.position != index:
                 waiter.position = index

@@ -13,7 +13,9 @@ only changes when somebody ahead of it leaves or a newcomer is placed ahead.
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import sys
 from collections.abc import Callable, Iterator
 
 import attrs
@@ -40,6 +42,7 @@ class FairScheduler:
     _finish: dict[str, float] = attrs.Factory(dict)
     _virtual: float = 0.0
     _seq: Iterator[int] = attrs.Factory(itertools.count)
+    _changed: int = sys.maxsize  # the first index whose entry moved since L{take_changed}
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -56,25 +59,30 @@ class FairScheduler:
         self._virtual = max(self._virtual, entry.start)
 
     def enqueue(self, user: str, weight: float) -> Entry:
-        entry = self.tag(user, weight)
-        index = len(self._waiting)
-        while index > 0 and self._waiting[index - 1].key > entry.key:
-            index -= 1
-        self._waiting.insert(index, entry)
-        return entry
+        return self._insert(self.tag(user, weight))
 
     def enqueue_first(self, user: str) -> Entry:
         """A request put back at the head (it ran already, and its upstream failed); it costs no share again."""
-        entry = Entry(user, float("-inf"), next(self._seq))
-        index = 0
-        while index < len(self._waiting) and self._waiting[index].key < entry.key:
-            index += 1
+        return self._insert(Entry(user, float("-inf"), next(self._seq)))
+
+    def _insert(self, entry: Entry) -> Entry:
+        index = bisect.bisect_right(self._waiting, entry.key, key=_key)
         self._waiting.insert(index, entry)
+        self._changed = min(self._changed, index)
         return entry
+
+    def _delete(self, index: int) -> None:
+        del self._waiting[index]
+        self._changed = min(self._changed, index)
+
+    def take_changed(self) -> int:
+        """The first index whose entry is new or moved since the last call (len() when none)."""
+        changed, self._changed = min(self._changed, len(self._waiting)), sys.maxsize
+        return changed
 
     def remove(self, entry: Entry) -> None:
         """A waiter left (cancelled, timed out); its share is given back if it was its user's last."""
-        self._waiting.remove(entry)
+        self._delete(self._waiting.index(entry))
         if self._finish.get(entry.user) is not None and not self.waiting_of(entry.user):
             self._finish[entry.user] = max(self._virtual, entry.start)
 
@@ -82,7 +90,7 @@ class FairScheduler:
         """The next request to run, skipping those that may not run now (user at its cap, no upstream)."""
         for index, entry in enumerate(self._waiting):
             if can_run(entry):
-                del self._waiting[index]
+                self._delete(index)
                 self._virtual = max(self._virtual, entry.start)
                 return entry
         return None
@@ -90,9 +98,13 @@ class FairScheduler:
     def waiting_of(self, user: str) -> int:
         return sum(1 for e in self._waiting if e.user == user)
 
-    def order(self) -> list[Entry]:
-        """The waiters in the order they will run (barring per-user limits)."""
-        return list(self._waiting)
+    def order(self, start: int = 0) -> list[Entry]:
+        """The waiters in the order they will run (barring per-user limits), from index C{start}."""
+        return self._waiting[start:]
 
     def users_waiting(self) -> list[str]:
         return [e.user for e in self._waiting]
+
+
+def _key(entry: Entry) -> tuple[float, int]:
+    return entry.key
