@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -60,13 +61,27 @@ def model_path() -> str:
 
 
 def start_llama(port: int, log_path: str, *extra: str) -> subprocess.Popen[bytes]:
+    """llama-server in a process group of its own: its launcher execs or forks the binary, so stop it with L{stop}."""
     server = shutil.which("llama-cpp-server", path=BIN) or "llama-cpp-server"
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             [server, "-m", model_path(), "--host", "127.0.0.1", "--port", str(port), "--ctx-size", "4096",
              "--", "--parallel", "2", *extra],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process started by L{start_llama} and everything it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
 
 
 @pytest.fixture(scope="session")
@@ -80,8 +95,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         wait_for(url + "/health", lambda r: r.status_code == 200)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
 
 
 class Gateway:

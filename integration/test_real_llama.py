@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import KEYS, Gateway, free_port, start_llama, wait_for
+from conftest import KEYS, Gateway, free_port, start_llama, stop, wait_for
 
 ALICE = "sk-int-alice"
 MESSAGES: Any = [{"role": "user", "content": "Count from one to ten in words."}]
@@ -278,8 +278,7 @@ def test_upstream_loading_and_down_are_reported(start_gateway: Any, tmp_path: An
                 assert error["code"] == "upstream_unreachable"
         wait_for(gateway.url + "/health", lambda r: r.status_code == 200)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
 
 
 def test_two_servers_share_the_load_within_their_slots(llama: str, start_gateway: Any, tmp_path: Any) -> None:
@@ -298,10 +297,10 @@ def test_two_servers_share_the_load_within_their_slots(llama: str, start_gateway
         assert [(u["places"], u["places_from"]) for u in upstreams] == [(2, "props"), (1, "props")]
         assert gateway.metrics()["queue"]["max_concurrent"] == 3
         peaks = {llama: 0, second: 0}
-        stop = threading.Event()
+        finished = threading.Event()
 
         def watch() -> None:
-            while not stop.is_set():
+            while not finished.is_set():
                 for url in peaks:
                     peaks[url] = max(peaks[url], len(busy_slots(url)))
                 time.sleep(0.01)
@@ -319,7 +318,7 @@ def test_two_servers_share_the_load_within_their_slots(llama: str, start_gateway
             t.start()
         for t in threads:
             t.join(120)
-        stop.set()
+        finished.set()
         watcher.join()
         assert len(answers) == 6 and all(answers)
         assert peaks[second] == 1 and 1 <= peaks[llama] <= 2, peaks  # both worked, neither over its slots
@@ -328,5 +327,4 @@ def test_two_servers_share_the_load_within_their_slots(llama: str, start_gateway
         models = httpx.get(gateway.url + "/v1/models", headers={"Authorization": f"Bearer {ALICE}"}, timeout=10)
         assert [m["id"] for m in models.json()["data"]] == [models.json()["data"][0]["id"]]  # one model, once
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
