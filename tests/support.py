@@ -143,6 +143,7 @@ class GatewayTestCase(unittest.TestCase):
         config.setdefault("upstreams", (UpstreamSpec(config.pop("upstream", self.fake.url)),))
         config.setdefault("usage_db", os.path.abspath(self.mktemp()) + ".sqlite3")
         config.setdefault("upstream_check_interval", 0)  # no background requests unless a test wants them
+        config.setdefault("queue_update_interval", 0)  # every position change told at once, as tests expect
         self.config = Config(users_file=self.users_path, **config)
         self.gw = await start_gateway(reactor, self.config)
         self.addCleanup(self.gw.stop)

@@ -66,3 +66,28 @@ class AdmissionTests(SynchronousTestCase):
         for d in ds:
             self.successResultOf(d).release()
         self.assertEqual((admission.active, admission.waiting), (0, 0))
+
+
+class PositionPassesTests(SynchronousTestCase):
+    def test_changes_within_the_interval_are_told_together(self) -> None:
+        clock = Clock()
+        admission = Admission(1, clock, position_interval=1.0)
+        running = self.successResultOf(admission.acquire())
+        told: dict[int, list[int]] = {i: [] for i in range(5)}
+        ds = [admission.acquire(told[i].append) for i in range(5)]
+        self.assertEqual(told[0], [1])  # the first pass is at once
+        self.assertEqual([told[i] for i in range(1, 5)], [[], [], [], []])  # the rest wait for the next
+        clock.advance(1)
+        self.assertEqual([told[i] for i in range(5)], [[1], [2], [3], [4], [5]])
+        for d in ds[:2]:
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+        running.release()  # the waiter at 3 runs; two passes' worth of changes...
+        self.assertTrue(ds[2].called)
+        self.assertEqual([told[i] for i in (3, 4)], [[4], [5]])  # ...within a second of the last pass
+        clock.advance(0.5)
+        self.assertEqual([told[i] for i in (3, 4)], [[4], [5]])
+        clock.advance(0.5)
+        self.assertEqual([told[i] for i in (3, 4)], [[4, 1], [5, 2]])  # told once, the latest
+        self.assertEqual(clock.getDelayedCalls()[0].getTime(), 600)  # only the queue timeouts are left
+        self.assertEqual(len(clock.getDelayedCalls()), 2)

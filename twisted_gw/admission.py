@@ -5,7 +5,9 @@ of them one fair, bounded queue of the requests waiting for one.
 Waiting requests are kept per user and handed the next free place by
 start-time fair queuing (L{twisted_gw.fairness}), weighted per user; within one
 user, first come first served.  Each waiter is told its position (1 = next to
-run) when it starts waiting and whenever it changes.  Cancelling a waiter's
+run) when it starts waiting and whenever it changes; with a
+C{position_interval}, changes are told in passes at most that often (a burst
+of arrivals or departures in a long queue costs one pass, not one per change).  Cancelling a waiter's
 L{Deferred} (the client left) removes it at once.  A waiter that waits longer
 than C{queue_timeout} fails with L{QueueTimeout}; an arrival that finds
 C{max_queue} waiters, or its user's C{max_queued}, fails at once with
@@ -80,9 +82,13 @@ class Admission:
     """The generation queue in front of the upstream."""
 
     def __init__(
-        self, places: Union[int, Router], clock: IReactorTime, max_queue: int = 100, queue_timeout: float = 600.0
+        self, places: Union[int, Router], clock: IReactorTime, max_queue: int = 100, queue_timeout: float = 600.0,
+        position_interval: float = 0.0,
     ) -> None:
         self.router = Router.single(places) if isinstance(places, int) else places
+        self.position_interval = position_interval
+        self._last_pass = float("-inf")
+        self._next_pass: Optional[IDelayedCall] = None
         self.clock = clock
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
@@ -169,7 +175,7 @@ class Admission:
         waiter = _Waiter(entry, d, on_position, model, exclude)
         self._waiters[entry] = waiter
         waiter.timer = self.clock.callLater(self.queue_timeout, self._expire, waiter, QueueTimeout)
-        self._renumber()
+        self._tell_positions()
         return d
 
     def _grant(self, user: str, route: Route, waited: bool) -> Ticket:
@@ -196,6 +202,9 @@ class Admission:
         self.closed = True
         for waiter in list(self._waiters.values()):
             self._expire(waiter, ShuttingDown)
+        if self._next_pass is not None and self._next_pass.active():
+            self._next_pass.cancel()
+        self._next_pass = None
 
     def _released(self, user: str, route: Route) -> None:
         self._running[user] -= 1
@@ -207,7 +216,7 @@ class Admission:
     def changed(self) -> None:
         """Places may have come free (a release, an upstream healthy again or with more slots): hand them out."""
         self._dispatch()
-        self._renumber()
+        self._tell_positions()
 
     def _dispatch(self) -> None:
         while self.router.free > 0:
@@ -222,8 +231,20 @@ class Admission:
                 waiter.timer.cancel()
             waiter.deferred.callback(self._grant(entry.user, route, waited=True))
 
+    def _tell_positions(self) -> None:
+        """A pass over the positions now, or, within C{position_interval} of the last one, when that has passed."""
+        if self._next_pass is not None:
+            return  # one is due; it will see this change too
+        wait = self._last_pass + self.position_interval - self.clock.seconds()
+        if wait <= 0:
+            self._renumber()
+        else:
+            self._next_pass = self.clock.callLater(wait, self._renumber)
+
     def _renumber(self) -> None:
         """Tell the waiters whose position changed: only those from the first that moved on."""
+        self._next_pass = None
+        self._last_pass = self.clock.seconds()
         start = self._scheduler.take_changed()
         for index, entry in enumerate(self._scheduler.order(start), start=start + 1):
             waiter = self._waiters[entry]

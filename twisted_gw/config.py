@@ -173,6 +173,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("keepalive-interval", "KEEPALIVE_INTERVAL", "15",
             "Seconds between SSE keepalive comments sent to a stream while it waits in the queue.",
             _seconds("keepalive-interval"), "keepalive_interval"),
+    Setting("queue-update-interval", "QUEUE_UPDATE_INTERVAL", "1",
+            "Shortest time in seconds between two passes that tell queued streams their new positions: "
+            "changes in between are told together (a long queue costs one pass a second, not one per change). "
+            "0: every change at once.",
+            _seconds("queue-update-interval", zero_allowed=True), "queue_update_interval"),
     Setting("max-queue", "MAX_QUEUE", "100",
             "Requests that may wait in the queue; one more gets 429 with Retry-After.",
             _positive_int("max-queue"), "max_queue"),
@@ -243,6 +248,7 @@ class Config:
     users_file: str = "users.json"
     queue_events: str = "comment"
     keepalive_interval: float = 15.0
+    queue_update_interval: float = 1.0
     users_poll_interval: float = 2.0
     upstream_check_interval: float = 5.0
     max_queue: int = 100

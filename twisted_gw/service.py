@@ -46,7 +46,9 @@ class Gateway(Service):
             for spec in config.upstreams
         ]
         self.router = Router([u.route for u in self.upstreams])
-        self.admission = Admission(self.router, reactor, config.max_queue, config.queue_timeout)
+        self.admission = Admission(
+            self.router, reactor, config.max_queue, config.queue_timeout, config.queue_update_interval
+        )
         self.accounting = Accounting(reactor)
         self.proxy = Proxy(
             self.upstreams, self.admission, self.accounting, reactor,
