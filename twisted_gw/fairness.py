@@ -43,6 +43,7 @@ class FairScheduler:
     _virtual: float = 0.0
     _seq: Iterator[int] = attrs.Factory(itertools.count)
     _changed: int = sys.maxsize  # the first index whose entry moved since L{take_changed}
+    _count: dict[str, int] = attrs.Factory(dict)  # waiting requests per user
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -69,11 +70,15 @@ class FairScheduler:
         index = bisect.bisect_right(self._waiting, entry.key, key=_key)
         self._waiting.insert(index, entry)
         self._changed = min(self._changed, index)
+        self._count[entry.user] = self._count.get(entry.user, 0) + 1
         return entry
 
     def _delete(self, index: int) -> None:
-        del self._waiting[index]
+        user = self._waiting.pop(index).user
         self._changed = min(self._changed, index)
+        self._count[user] -= 1
+        if not self._count[user]:
+            del self._count[user]
 
     def take_changed(self) -> int:
         """The first index whose entry is new or moved since the last call (len() when none)."""
@@ -96,7 +101,7 @@ class FairScheduler:
         return None
 
     def waiting_of(self, user: str) -> int:
-        return sum(1 for e in self._waiting if e.user == user)
+        return self._count.get(user, 0)
 
     def order(self, start: int = 0) -> list[Entry]:
         """The waiters in the order they will run (barring per-user limits), from index C{start}."""

@@ -19,7 +19,6 @@ from typing import Any, Optional, TypeVar
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -41,6 +40,7 @@ from twisted_gw.checks import (
     inspect_body,
 )
 from twisted_gw.errors import GatewayError, bad_gateway, error_document, gateway_timeout, unavailable
+from twisted_gw.keepalive import Keepalives
 from twisted_gw.quota import Quotas
 from twisted_gw.routing import DOWN, LOADING, Route, models_in, union_of_model_lists
 from twisted_gw.upstream import Upstream, stream_body
@@ -51,6 +51,8 @@ T = TypeVar("T")
 
 # A JSON response is kept (besides being relayed) to read its usage, up to this size.
 MAX_USAGE_BODY = 8 * 1024 * 1024
+
+KEEPALIVE = sse.comment("keepalive")
 
 SSE_HEADERS = (
     (b"Content-Type", b"text/event-stream"),
@@ -73,7 +75,6 @@ class Exchange:
     queue_wait: float = 0.0
     cancelled: bool = False
     tracker: sse.UsageTracker = attrs.Factory(sse.UsageTracker)
-    keepalive: Optional[LoopingCall] = None
     current: Optional[Deferred[Any]] = None
     interrupted: Optional[GatewayError] = None
     model: Optional[str] = None
@@ -146,9 +147,11 @@ class Proxy:
     active: set[Exchange] = attrs.Factory(set)
     _idle: list[Deferred[None]] = attrs.Factory(list)
     _by_route: dict[Route, Upstream] = attrs.field(init=False)
+    keepalives: Keepalives = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._by_route = {u.route: u for u in self.upstreams}
+        self.keepalives = Keepalives(self.clock, self.keepalive_interval)
 
     @property
     def upstream(self) -> Upstream:
@@ -275,19 +278,13 @@ class Proxy:
         if not ex.headers_sent:
             ex.start_event_stream()
             ex.request.setHeader(b"X-Queue-Position", str(position).encode("ascii"))
-            loop = LoopingCall(ex.write, sse.comment("keepalive"))
-            loop.clock = self.clock
-            loop.start(self.keepalive_interval, now=False)
-            ex.keepalive = loop
+            self.keepalives.add(ex, lambda: ex.write(KEEPALIVE))
         ex.write(sse.queue_position_comment(position))
         if self.queue_events == "data":
             ex.write(sse.queue_update_event(position))
 
-    @staticmethod
-    def _stop_keepalive(ex: Exchange) -> None:
-        if ex.keepalive is not None and ex.keepalive.running:
-            ex.keepalive.stop()
-        ex.keepalive = None
+    def _stop_keepalive(self, ex: Exchange) -> None:
+        self.keepalives.discard(ex)
 
     @staticmethod
     def _upstream_headers(request: Request, user: str) -> Headers:
