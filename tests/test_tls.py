@@ -26,7 +26,7 @@ from support import (
 from twisted.internet import task
 from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
 
@@ -261,3 +261,21 @@ class TwistdTLSTests(GatewayTestCase):
         proc.terminate()
         output, _ = await deferToThread(proc.communicate, timeout=30)
         self.assertIn("TLS certificate reloaded", output)
+
+
+class ListenBacklogTests(SynchronousTestCase):
+    def test_listeners_queue_1024_pending_connections_unless_told(self) -> None:
+        leaf = trustme.CA().issue_cert("localhost")
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        key = write(os.path.join(folder, "key.pem"), leaf.private_key_pem.bytes())
+        cert = write(os.path.join(folder, "cert.pem"), leaf.cert_chain_pems[0].bytes())
+        cases = {
+            "tcp:8000": 1024,
+            "tcp:8000:interface=127.0.0.1:backlog=7": 7,
+            f"ssl:8443:privateKey={key}:certKey={cert}": 1024,
+            f"ssl:8443:privateKey={key}:certKey={cert}:backlog=9": 9,
+        }
+        for description, backlog in cases.items():
+            endpoint, _ = server_endpoint(reactor, description)
+            self.assertEqual(endpoint._backlog, backlog, description)  # type: ignore[attr-defined]

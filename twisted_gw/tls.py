@@ -89,12 +89,20 @@ def _split(description: str) -> list[str]:
     return parts
 
 
+DEFAULT_BACKLOG = 1024
+
+
 def server_endpoint(reactor: Any, description: str) -> tuple[IStreamServerEndpoint, Optional[ReloadingContextFactory]]:
     """
     The endpoint for a C{--listen} description, and for C{ssl:} ones the
     context factory to reload; anything else is Twisted's own parser's.
     """
     parts = _split(description)
+    if parts[0] in ("tcp", "ssl") and len(parts) >= 2 and not any(p.startswith("backlog=") for p in parts[2:]):
+        # Twisted's default of 50 pending connections makes the kernel send
+        # SYN cookies when a few hundred clients connect at once (nginx: 511)
+        description += f":backlog={DEFAULT_BACKLOG}"
+        parts.append(f"backlog={DEFAULT_BACKLOG}")
     if parts[0] != "ssl" or len(parts) < 2:
         return endpoints.serverFromString(reactor, description), None
     port, options = parts[1], dict(p.split("=", 1) for p in parts[2:] if "=" in p)
