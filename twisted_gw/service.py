@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from typing import Any, Optional
@@ -170,6 +171,10 @@ def makeService(config: Config, reactor: Any = None) -> MultiService:
         reactor = default_reactor
     top = MultiService()
     gateway = Gateway(config, reactor)
+    # The modules and objects made so far live as long as the process: keep
+    # them out of the collector's full passes, which then walk request objects.
+    gc.collect()
+    gc.freeze()
     gateway.setName("gateway")
     gateway.setServiceParent(top)
     for description in config.listen:

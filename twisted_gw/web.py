@@ -221,6 +221,7 @@ class GatewayApp:
 class _Front(resource.Resource):
     """
     The site's root: plain C{/v1} requests go to L{GatewayApp.render_v1},
+    C{GET /health} straight to its handler,
     everything else (and any C{/v1} path with percent-escapes, which Klein
     decodes and judges) to Klein's resource, unchanged.
     """
@@ -236,6 +237,8 @@ class _Front(resource.Resource):
         path = request.path
         if (path == b"/v1" or path.startswith(b"/v1/")) and b"%" not in path:
             return self._app.render_v1(request)
+        if path == b"/health" and request.method in (b"GET", b"HEAD"):
+            return self._app.health(request)  # probed often; the cheapest answer
         return self._klein.render(request)
 
 
