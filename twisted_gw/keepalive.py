@@ -5,8 +5,9 @@ A timer per waiting stream costs memory, and timers started together fire
 together: ten thousand streams that arrived in the same second would all be
 written to in one reactor turn every interval.  Here one L{LoopingCall} ticks
 every C{tick} seconds while anyone waits, and writes to the streams that are
-due, oldest first, at most C{per_tick} of them a tick (1000 a second: enough for 15,000 streams at the default 15 s) (the rest are a tick
-late).  Pure logic: time comes from the injected clock.
+due, oldest first, at most C{per_tick} of them a tick (the rest are a tick
+late; the defaults write 1000 a second, enough for 15,000 streams at 15 s).
+Pure logic: time comes from the injected clock.
 """
 
 from __future__ import annotations
