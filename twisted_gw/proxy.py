@@ -532,7 +532,8 @@ class Proxy:
                 request.write(strip(data) if strip is not None else data)
                 for event in parser.feed(data):
                     ex.tracker.see_event(event)
-                self._stamp_first_token(ex)
+                if ex.first_token_at is None:
+                    self._stamp_first_token(ex)
                 return
             request.write(data)
             if ex.first_token_at is None and ex.status < 400:

@@ -30,8 +30,10 @@ class SSEParser:
         if self._after_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._after_cr = chunk.endswith(b"\r")
-        text = self._partial + chunk
-        lines = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        text = self._partial + chunk if self._partial else chunk
+        if b"\r" in text:
+            text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = text.split(b"\n")
         self._partial = lines.pop()
         events: list[bytes] = []
         for line in lines:
@@ -172,7 +174,7 @@ class UsageTracker:
                 self._from_timings = timings
 
     def see_event(self, data: bytes) -> None:
-        if _CONTENT.search(data):
+        if (b'"content"' in data or b'"text"' in data) and _CONTENT.search(data):
             self.content_chunks += 1
         # Parsing JSON costs more than relaying: only the chunks that can carry
         # numbers are parsed (llama.cpp puts them on the last one or two).
