@@ -301,8 +301,8 @@ class Options(usage.Options):
     def opt_upstream(self, url: str) -> None:
         """
         Base URL of an OpenAI-compatible upstream (llama.cpp server); '/v1/...' is
-        appended. Repeat for several; add '#slots=N' to set its places
-        (e.g. http://gpu2:8080#slots=4). [env: UPSTREAM_URL, comma or space
+        appended. Repeat for several; add '#slots=N' to set its places, e.g.
+        http://gpu2:8080#slots=4. [env: UPSTREAM_URL, comma or space
         separated] [default: http://127.0.0.1:8080]
         """
         self["upstream"].append(url)
