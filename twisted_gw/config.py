@@ -315,6 +315,10 @@ class Options(usage.Options):
         """
         self["listen"].append(description)
 
+    # twistd wraps option help itself: one line each, without the source's indentation
+    opt_listen.__doc__ = " ".join((opt_listen.__doc__ or "").split())
+    opt_upstream.__doc__ = " ".join((opt_upstream.__doc__ or "").split())
+
     def postOptions(self) -> None:
         # usage errors make twistd print the whole help before the message;
         # a bad value deserves just the one line that says what is wrong.
