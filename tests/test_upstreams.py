@@ -150,6 +150,25 @@ class ManyUpstreamsTests(GatewayTestCase):
         self.assertEqual(reply.code, 503)
         self.assertEqual((await reply.json())["error"]["message"], "Loading model")
 
+    async def test_most_free_places_first_then_round_robin(self) -> None:
+        a = FakeLlama(reactor, reply=REPLY, manual=True)
+        b = FakeLlama(reactor, reply=REPLY, manual=True)
+        a_url, b_url = await self.started(a, b)
+        await self.start(fake=a, upstreams=(UpstreamSpec(a_url, slots=3), UpstreamSpec(b_url, slots=1)))
+        order, replies = [], []
+        for _ in range(4):
+            before = len(a.generations)
+            replies.append(await self.chat(stream=True))  # its headers come once the upstream has it
+            order.append("a" if len(a.generations) > before else "b")
+        # a (3 free) over b (1); then 2:1, a again; then 1:1, a tie: b, the one after a; then a
+        self.assertEqual(order, ["a", "a", "b", "a"])
+        doc = await self.metrics()
+        self.assertEqual([(u["active"], u["places"]) for u in doc["upstreams"]], [(3, 3), (1, 1)])
+        a.release(100)
+        b.release(100)
+        for reply in replies:
+            self.assertTrue((await reply.text()).endswith(b"data: [DONE]\n\n"))
+
     async def test_no_failover_once_the_stream_began(self) -> None:
         dying = FakeLlama(reactor, reply=REPLY, die_after=2)
         other = FakeLlama(reactor, reply=REPLY)
