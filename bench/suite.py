@@ -431,15 +431,22 @@ class Suite:
 
     # 2 ----------------------------------------------------------------------------------------------------------
 
+    def _interleaved(
+        self, reps: int, run: Callable[[str, Any], dict[str, float]], arg: Any
+    ) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, float]]]:
+        """C{run(path, arg)} C{reps} times per path, the order of the paths rotating; the runs and their medians."""
+        runs: dict[str, list[dict[str, float]]] = {p: [] for p in self.paths}
+        for rep_i in range(reps):
+            for p in rotate(self.paths, rep_i):
+                runs[p].append(run(p, arg))
+        med = {p: {k: median([r[k] for r in runs[p]]) for k in runs[p][0]} for p in self.paths}
+        return runs, med
+
     def fixed_rate(self) -> None:
         args = self.args
         out: dict[str, Any] = {}
         for rate in args.rates:
-            runs: dict[str, list[dict[str, float]]] = {p: [] for p in self.paths}
-            for rep_i in range(args.rate_reps):
-                for p in rotate(self.paths, rep_i):
-                    runs[p].append(self._rate_run(p, rate))
-            med = {p: {k: median([r[k] for r in runs[p]]) for k in runs[p][0]} for p in self.paths}
+            runs, med = self._interleaved(args.rate_reps, self._rate_run, rate)
             out[str(rate)] = {"runs": runs, "median": med}
             name = f"2 open loop {rate}/s (chat)"
             rep = self.report
@@ -514,11 +521,7 @@ class Suite:
         args = self.args
         out: dict[str, Any] = {}
         for streams in args.paced_streams:
-            runs: dict[str, list[dict[str, float]]] = {p: [] for p in self.paths}
-            for rep_i in range(args.paced_reps):
-                for p in rotate(self.paths, rep_i):
-                    runs[p].append(self._paced_run(p, streams))
-            med = {p: {k: median([r[k] for r in runs[p]]) for k in runs[p][0]} for p in self.paths}
+            runs, med = self._interleaved(args.paced_reps, self._paced_run, streams)
             out[str(streams)] = {"runs": runs, "median": med}
             rate = streams * 1000 / args.paced_interval_ms
             name = f"4 paced {streams} streams ({rate:,.0f} chunks/s)"
@@ -593,11 +596,7 @@ class Suite:
         args = self.args
         out: dict[str, Any] = {}
         for streams in args.unpaced_streams:
-            runs: dict[str, list[dict[str, float]]] = {p: [] for p in self.paths}
-            for rep_i in range(args.unpaced_reps):
-                for p in rotate(self.paths, rep_i):
-                    runs[p].append(self._unpaced_run(p, streams))
-            med = {p: {k: median([r[k] for r in runs[p]]) for k in runs[p][0]} for p in self.paths}
+            runs, med = self._interleaved(args.unpaced_reps, self._unpaced_run, streams)
             out[str(streams)] = {"runs": runs, "median": med}
             name = f"5 unpaced {streams} stream{'s' if streams > 1 else ''} x {args.unpaced_chunks // streams:,}"
             rep = self.report
