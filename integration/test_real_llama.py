@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -31,6 +32,29 @@ def client(gateway: Gateway, key: str = ALICE) -> openai.OpenAI:
 
 def busy_slots(llama: str) -> list[dict[str, Any]]:
     return [s for s in httpx.get(llama + "/slots", timeout=5).json() if s.get("is_processing")]
+
+
+def peak_busy_slots(servers: list[str], ask: Callable[[int], None], count: int) -> dict[str, int]:
+    """Run C{ask(0)} .. C{ask(count - 1)} in threads while sampling each server's /slots: the most busy at once."""
+    peaks = {url: 0 for url in servers}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for url in servers:
+                peaks[url] = max(peaks[url], len(busy_slots(url)))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    done.set()
+    watcher.join()
+    return peaks
 
 
 def wait_idle(llama: str, seconds: float = 10.0) -> float:
@@ -205,13 +229,6 @@ def test_max_concurrent_1_with_five_sdk_clients(llama: str, start_gateway: Any) 
     gateway = start_gateway(llama, "--max-concurrent", "1")
     results: list[str] = []
     errors: list[BaseException] = []
-    most = [0]
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            most[0] = max(most[0], len(busy_slots(llama)))
-            time.sleep(0.01)
 
     def ask(i: int) -> None:
         try:
@@ -221,18 +238,10 @@ def test_max_concurrent_1_with_five_sdk_clients(llama: str, start_gateway: Any) 
         except BaseException as e:  # reported below
             errors.append(e)
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    done.set()
-    watcher.join()
+    most = peak_busy_slots([llama], ask, 5)
     assert errors == []
     assert len(results) == 5 and all(results)
-    assert most[0] == 1
+    assert most[llama] == 1
     metrics = gateway.metrics()
     assert metrics["totals"]["requests"] == 5
     assert metrics["latency"]["p95_response_time_s"] > metrics["latency"]["p50_response_time_s"]
@@ -296,30 +305,13 @@ def test_two_servers_share_the_load_within_their_slots(llama: str, start_gateway
         upstreams = gateway.metrics()["upstreams"]
         assert [(u["places"], u["places_from"]) for u in upstreams] == [(2, "props"), (1, "props")]
         assert gateway.metrics()["queue"]["max_concurrent"] == 3
-        peaks = {llama: 0, second: 0}
-        finished = threading.Event()
-
-        def watch() -> None:
-            while not finished.is_set():
-                for url in peaks:
-                    peaks[url] = max(peaks[url], len(busy_slots(url)))
-                time.sleep(0.01)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
         answers: list[str] = []
 
-        def ask() -> None:
+        def ask(i: int) -> None:
             reply = client(gateway).chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=32)
             answers.append(reply.choices[0].message.content or "")
 
-        threads = [threading.Thread(target=ask) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        finished.set()
-        watcher.join()
+        peaks = peak_busy_slots([llama, second], ask, 6)
         assert len(answers) == 6 and all(answers)
         assert peaks[second] == 1 and 1 <= peaks[llama] <= 2, peaks  # both worked, neither over its slots
         served = {u["url"]: u for u in gateway.metrics()["upstreams"]}
