@@ -219,14 +219,21 @@ class Admission:
         self._tell_positions()
 
     def _dispatch(self) -> None:
+        chosen: list[Route] = []  # where the entry that pop_next finds runs
+
+        def can_run(entry: Entry) -> bool:
+            route = self._route_for(entry)
+            if route is not None:
+                chosen.append(route)
+            return route is not None
+
         while self.router.free > 0:
-            found = self._scheduler.pop_next(lambda entry: self._route_for(entry) is not None)
-            if found is None:
+            entry = self._scheduler.pop_next(can_run)
+            if entry is None:
                 return
-            entry = found
+            route = chosen.pop()
+            self.router.take_turn(route)
             waiter = self._waiters.pop(entry)
-            route = self.router.choose(waiter.model, waiter.exclude)
-            assert route is not None
             if waiter.timer is not None and waiter.timer.active():
                 waiter.timer.cancel()
             waiter.deferred.callback(self._grant(entry.user, route, waited=True))

@@ -100,10 +100,13 @@ class Router:
 
     def choose(self, model: Optional[str] = None, exclude: Iterable[Route] = ()) -> Optional[Route]:
         """L{best}, and the turn moves past it."""
-        best = self.best(model, exclude)
-        if best is not None:
-            self._turn = self.routes.index(best) + 1
-        return best
+        return self.take_turn(self.best(model, exclude))
+
+    def take_turn(self, route: Optional[Route]) -> Optional[Route]:
+        """C{route} was chosen: the round-robin goes on after it."""
+        if route is not None:
+            self._turn = self.routes.index(route) + 1
+        return route
 
     def any(self, model: Optional[str] = None, exclude: Iterable[Route] = ()) -> Optional[Route]:
         """
@@ -113,19 +116,13 @@ class Router:
         """
         skip = set(exclude)
         pool = self.candidates(model, skip) or [r for r in self.routes if r not in skip]
-        best = self._rotate(pool, lambda r: 0)
-        if best is not None:
-            self._turn = self.routes.index(best) + 1
-        return best
+        return self.take_turn(self._rotate(pool, lambda r: 0))
 
     def _rotate(self, pool: list[Route], rank: Any) -> Optional[Route]:
         if not pool:
             return None
         n = len(self.routes)
         return min(pool, key=lambda r: (rank(r), (self.routes.index(r) - self._turn) % n))
-
-    def known_models(self) -> list[str]:
-        return sorted(set().union(*(r.models for r in self.routes)))
 
 
 def union_of_model_lists(documents: Iterable[Any]) -> dict[str, Any]:
@@ -138,6 +135,11 @@ def union_of_model_lists(documents: Iterable[Any]) -> dict[str, Any]:
         for entry in models_in(doc):
             seen.setdefault(entry["id"], entry)
     return {"object": "list", "data": list(seen.values())}
+
+
+def model_ids(doc: Any) -> frozenset[str]:
+    """The ids of the models a C{/v1/models} document lists."""
+    return frozenset(e["id"] for e in models_in(doc))
 
 
 def models_in(doc: Any) -> list[dict[str, Any]]:
