@@ -42,7 +42,7 @@ from twisted_gw.checks import (
 from twisted_gw.errors import GatewayError, bad_gateway, error_document, gateway_timeout, unavailable
 from twisted_gw.keepalive import Keepalives
 from twisted_gw.quota import Quotas
-from twisted_gw.routing import DOWN, LOADING, Route, models_in, union_of_model_lists
+from twisted_gw.routing import DOWN, LOADING, Route, model_ids, union_of_model_lists
 from twisted_gw.upstream import Upstream, stream_body
 
 log = Logger(namespace="llmgw.access")
@@ -425,7 +425,7 @@ class Proxy:
         for upstream, (ok, value) in zip(upstreams, results, strict=True):
             if ok and value[0] == 200:
                 documents.append(value[1])
-                upstream.route.models = frozenset(e["id"] for e in models_in(value[1]))
+                upstream.route.models = model_ids(value[1])
         if not documents:
             raise bad_gateway("No upstream answered with its model list.")
         body = json.dumps(union_of_model_lists(documents)).encode("utf-8")

@@ -38,14 +38,7 @@ class Gateway(Service):
         self._checking: set[Deferred[None]] = set()
         self._previous_sighup: Any = None
         self.users = UsersFile(config.users_file, reactor, config.users_poll_interval)
-        self.upstreams = [
-            Upstream(
-                reactor, spec.url, max_connections=(spec.slots or config.max_concurrent or 4) + 8,
-                api_key=config.upstream_api_key, ca_file=config.upstream_ca or None,
-                slots=spec.slots or config.max_concurrent,
-            )
-            for spec in config.upstreams
-        ]
+        self.upstreams = [self._upstream(spec.url, spec.slots or config.max_concurrent) for spec in config.upstreams]
         self.router = Router([u.route for u in self.upstreams])
         self.admission = Admission(
             self.router, reactor, config.max_queue, config.queue_timeout, config.queue_update_interval
@@ -76,6 +69,14 @@ class Gateway(Service):
             public_metrics=config.public_metrics,
         )
         self.site = GatewaySite(self.app.resource(), max_body=config.max_body)
+
+    def _upstream(self, url: str, slots: Optional[int]) -> Upstream:
+        """One upstream; C{slots}: its places when configured (else read from llama.cpp's /props)."""
+        config = self.config
+        return Upstream(
+            self.reactor, url, max_connections=(slots or 4) + 8,
+            api_key=config.upstream_api_key, ca_file=config.upstream_ca or None, slots=slots,
+        )
 
     @property
     def upstream(self) -> Upstream:

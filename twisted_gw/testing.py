@@ -67,7 +67,8 @@ class FakeLlama:
     A llama.cpp-like server.  Knobs: C{reply} (the tokens generated),
     C{chunk_delay} (seconds between tokens), C{header_delay} (seconds before the
     response starts), C{cache_n} (prompt tokens reported as cached), C{loading}
-    (C{/health} answers 503), C{has_props} (C{/props} exists, as on llama.cpp),
+    (every path answers 503, as llama.cpp's does while it loads its model),
+    C{has_props} (C{/props} exists, as on llama.cpp),
     C{die_after} (the connection is dropped after that many tokens, like a
     crashed server), C{model} (the one model it serves), C{manual}: each
     token then waits for L{release}, and

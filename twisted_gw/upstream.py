@@ -38,7 +38,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
-from twisted_gw.routing import DOWN, LOADING, OK, Route, models_in
+from twisted_gw.routing import DOWN, LOADING, OK, Route, model_ids
 from twisted_gw.tls import certificates_from_pem
 
 # A health check (or a model list asked for the union) that takes longer fails.
@@ -223,18 +223,25 @@ class Upstream:
             if state == OK:
                 if was != OK or route.discovered is None:
                     # (re)started: it may have another build, other slots
-                    self._llamacpp = None
-                    route.discovered = await self._total_slots()
+                    route.discovered = await self._read_props()
                 code, doc = await self.get_json(b"/v1/models")
                 if code == 200:
-                    route.models = frozenset(e["id"] for e in models_in(doc))
+                    route.models = model_ids(doc)
         except Exception:
             state = DOWN
         route.state = state
 
-    async def _total_slots(self) -> Optional[int]:
-        code, props = await self.get_json(b"/props")
-        slots = props.get("total_slots") if code == 200 and isinstance(props, dict) else None
+    async def _read_props(self) -> Optional[int]:
+        """The slot count from C{GET /props} (within the check timeout); raises when unreachable."""
+        return self._learn_props(*await self.get_json(b"/props"))
+
+    def _learn_props(self, code: int, props: Any) -> Optional[int]:
+        """
+        From an answer to C{GET /props}: whether this is llama.cpp's server (it
+        answers with C{total_slots}), remembered, and its slot count.
+        """
+        self._llamacpp = code == 200 and isinstance(props, dict) and "total_slots" in props
+        slots = props["total_slots"] if self._llamacpp else None
         return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0 else None
 
     def failed(self, state: str = DOWN) -> None:
@@ -255,11 +262,10 @@ class Upstream:
         if self._llamacpp is not None:
             return self._llamacpp
         try:
-            code, doc = await self._get_json(b"/props")
+            self._learn_props(*await self._get_json(b"/props"))
         except Exception:
             return False
-        self._llamacpp = code == 200 and isinstance(doc, dict) and "total_slots" in doc
-        return self._llamacpp
+        return bool(self._llamacpp)
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
