@@ -26,8 +26,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from twisted_gw.config import Config
-from twisted_gw.testing import FakeLlama, start_gateway
-from twisted_gw.upstream import BytesProducer
+from twisted_gw.testing import BytesProducer, FakeLlama, start_gateway
 
 KEY = "sk-bench"
 

@@ -21,8 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from twisted_gw.config import Config, UpstreamSpec
-from twisted_gw.testing import FakeLlama, RunningGateway, start_gateway
-from twisted_gw.upstream import BytesProducer
+from twisted_gw.testing import BytesProducer, FakeLlama, RunningGateway, start_gateway
 
 reactor: Any = _reactor
 

@@ -32,10 +32,9 @@ from twisted.web.http_headers import Headers
 
 from twisted_gw.config import Config, UpstreamSpec
 from twisted_gw.service import Gateway
-from twisted_gw.testing import FakeLlama
+from twisted_gw.testing import BytesProducer, FakeLlama
 from twisted_gw.tls import server_endpoint
 from twisted_gw.tlsgen import main as tls_main
-from twisted_gw.upstream import BytesProducer
 
 
 def write(path: str, data: bytes) -> str:

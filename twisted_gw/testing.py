@@ -23,9 +23,33 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.web import resource, server
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
+from zope.interface import implementer
 
 MODEL = "fake-llama"
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: object) -> Deferred[None]:
+        consumer.write(self._body)  # type: ignore[attr-defined]
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def _url(port: IListeningPort) -> str:

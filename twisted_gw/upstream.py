@@ -1,14 +1,15 @@
 """
-The upstream side: one L{Agent} over a persistent L{HTTPConnectionPool}, and
-body delivery to a protocol that can be stopped.
+The upstream side: requests to one upstream over a pool of kept-alive
+connections (L{twisted_gw.httpclient}), body delivery to a protocol that can
+be stopped, and the checks that keep the upstream's L{Route} up to date.
 
-Twisted's L{Agent} is used directly rather than through treq's client: treq
-wraps every request in a shared cookie jar, a redirect follower and a gzip
-decoder, all of which a transparent proxy must not do (a cookie set for one
-user would be sent on another's request).  treq remains in use for the
-gateway's tests and tools.  Bodies are not collected with C{treq.collect()}
-either: its L{Deferred} has no canceller, so a client that leaves would leave
-the upstream generating.  L{BodyRelay} stops the upstream connection instead.
+Neither treq nor Agent carries the proxied requests.  treq wraps every request
+in a shared cookie jar, a redirect follower and a gzip decoder, all of which a
+transparent proxy must not do (a cookie set for one user would be sent on
+another's request), and Agent's layers cost more than the rest of the gateway
+per relayed chunk (see L{twisted_gw.httpclient}).  treq remains in use for the
+gateway's tests and tools.  L{BodyRelay} stops the upstream connection when a
+body is no longer wanted, which is how llama.cpp learns to stop generating.
 """
 
 from __future__ import annotations
@@ -17,27 +18,27 @@ import json
 from collections.abc import Callable
 from typing import Any, Optional, cast
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import trustRootFromCertificates
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    Agent,
+    URI,
     BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseNeverReceived,
-    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IResponse
 
+from twisted_gw.httpclient import ConnectionPool, send
 from twisted_gw.routing import DOWN, LOADING, OK, Route, model_ids
 from twisted_gw.tls import certificates_from_pem
 
@@ -47,28 +48,6 @@ CHECK_TIMEOUT = 5.0
 # llama.cpp's HTTP library closes idle keep-alive connections after 5 s; a POST
 # is never retried on a stale one (twisted #7843), so give them up first.
 CACHED_CONNECTION_TIMEOUT = 4
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: object) -> Deferred[None]:
-        consumer.write(self._body)  # type: ignore[attr-defined]
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def tls_policy(ca_file: Optional[str]) -> BrowserLikePolicyForHTTPS:
@@ -87,20 +66,6 @@ def tls_policy(ca_file: Optional[str]) -> BrowserLikePolicyForHTTPS:
     return BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(certificates))
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    noisy = False  # no log line for every pooled connection opened and closed
-
-
-class _Pool(HTTPConnectionPool):
-    """A pool that remembers whether the last connection it handed out was a reused one."""
-
-    reused = False
-
-    def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
-        self.reused = bool(self._connections.get(key))
-        return super().getConnection(key, endpoint)
-
-
 def _stale_connection(e: Exception) -> bool:
     """
     The signature of twisted #7843: a kept-alive connection that the upstream
@@ -114,23 +79,14 @@ def _stale_connection(e: Exception) -> bool:
     return False
 
 
-class _Agent(Agent):
-    """
-    An Agent that keeps one endpoint per (scheme, host, port): building a
-    HostnameEndpoint (IDNA encoding and all) for every request costs tens of
-    microseconds, and the endpoint is only used when the pool has no connection.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
-
-    def _getEndpoint(self, uri: Any) -> Any:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            endpoint = self._endpoints[key] = super()._getEndpoint(uri)
-        return endpoint
+def _host_value(uri: URI) -> bytes:
+    """The Host header for C{uri}, as Agent computes it."""
+    host = uri.host
+    if isIPv6Address(host.decode("ascii")):
+        host = b"[" + host + b"]"
+    if (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443)):
+        return host
+    return b"%b:%d" % (host, uri.port)
 
 
 class Upstream:
@@ -152,11 +108,15 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.route = Route(self.base_url, slots=slots)
         self.api_key = api_key
-        self.pool = _Pool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = max_connections
-        self.pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
-        self.pool._factory = _QuietClientFactory
-        self.agent = _Agent(reactor, contextFactory=tls_policy(ca_file), pool=self.pool)
+        uri = URI.fromBytes(self.base_url.encode("ascii"))
+        self._prefix = uri.path
+        self._host = _host_value(uri)
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, uri.host.decode("ascii"), uri.port)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(tls_policy(ca_file).creatorForNetloc(uri.host, uri.port), endpoint)
+        self.pool = ConnectionPool(
+            cast(IReactorTime, reactor), endpoint, max_connections, CACHED_CONNECTION_TIMEOUT
+        )
         self.retries = 0
         self._llamacpp: Optional[bool] = None
 
@@ -173,18 +133,18 @@ class Upstream:
         without any answer is sent once more on a new one: POSTs included,
         which Twisted's pool never retries itself.
         """
-        url = self.url(uri)
+        target = self._prefix + uri
         if self.api_key:
             # the upstream's own key (llama.cpp --api-key); never the client's
             headers.setRawHeaders(b"Authorization", [b"Bearer " + self.api_key.encode("utf-8")])
-        d = self.agent.request(method, url, headers, BytesProducer(body) if body else None)
+        d = send(self.pool, method, target, self._host, headers, body)
         reused = self.pool.reused
 
         def retry(failure: Failure) -> Any:
             if not (reused and _stale_connection(failure.value)):  # type: ignore[arg-type]
                 return failure
             self.retries += 1
-            return self.agent.request(method, url, headers, BytesProducer(body) if body else None)
+            return send(self.pool, method, target, self._host, headers, body)
 
         # a plain errback, not a coroutine: cancelling d reaches the retry's Deferred too
         return d.addErrback(retry)
@@ -268,7 +228,7 @@ class Upstream:
         return bool(self._llamacpp)
 
     def close(self) -> Deferred[None]:
-        return self.pool.closeCachedConnections()
+        return self.pool.close()
 
 
 class BodyRelay(Protocol):
