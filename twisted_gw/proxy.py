@@ -186,12 +186,16 @@ class Proxy:
             self._stop_keepalive(ex)
             if ex.ticket is not None:
                 ex.ticket.release()
-            self.active.discard(ex)
-            self._account(ex, request)
-            if not self.active:
-                idle, self._idle = self._idle, []
-                for d in idle:
-                    d.callback(None)
+            # the books (totals, ledger, metrics, the access line) need not hold up the answer
+            after_flush(self.clock, self._finished, ex, request)
+
+    def _finished(self, ex: Exchange, request: Request) -> None:
+        self.active.discard(ex)
+        self._account(ex, request)
+        if not self.active:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
 
     def live(self) -> list[dict[str, Any]]:
         """The requests in flight, for the dashboard: who, what, for how long, how fast."""
@@ -639,6 +643,15 @@ class Proxy:
 
 # The assembled answer has a length and type of its own.
 ASSEMBLED_DROP = HOP_BY_HOP | {b"content-type", b"content-length", b"cache-control", b"x-accel-buffering"}
+
+
+def after_flush(clock: IReactorTime, f: Callable[..., object], *args: Any) -> None:
+    """
+    Call C{f(*args)} once the reactor has sent what was written so far.
+    Twisted sends on the poll after a write, and a C{callLater(0)} runs just
+    before that poll: the call is put off twice.
+    """
+    clock.callLater(0, clock.callLater, 0, f, *args)
 
 
 class _Unreachable(Exception):
