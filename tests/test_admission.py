@@ -6,7 +6,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_gw.admission import Admission, Ticket
+from twisted_gw.admission import Admission, QueueTimeout, Ticket
 
 
 class AdmissionTests(SynchronousTestCase):
@@ -89,5 +89,57 @@ class PositionPassesTests(SynchronousTestCase):
         self.assertEqual([told[i] for i in (3, 4)], [[4], [5]])
         clock.advance(0.5)
         self.assertEqual([told[i] for i in (3, 4)], [[4, 1], [5, 2]])  # told once, the latest
-        self.assertEqual(clock.getDelayedCalls()[0].getTime(), 600)  # only the queue timeouts are left
-        self.assertEqual(len(clock.getDelayedCalls()), 2)
+        # only the queue timeout is left: one timer, for the earliest waiter
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [600])
+
+
+class QueueTimeoutTests(SynchronousTestCase):
+    def test_each_waiter_times_out_at_its_own_deadline(self) -> None:
+        clock = Clock()
+        admission = Admission(1, clock, queue_timeout=10)
+        running = self.successResultOf(admission.acquire())
+        first = admission.acquire()
+        clock.advance(3)
+        gone = admission.acquire()
+        clock.advance(1)
+        second = admission.acquire()
+        gone.cancel()
+        self.failureResultOf(gone, CancelledError)
+        clock.advance(5.9)
+        self.assertNoResult(first)
+        clock.advance(0.1)  # t=10: the first waiter's time is up
+        self.failureResultOf(first, QueueTimeout)
+        self.assertNoResult(second)
+        clock.advance(3.9)
+        self.assertNoResult(second)
+        clock.advance(0.1)  # t=14
+        self.failureResultOf(second, QueueTimeout)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        running.release()
+
+    def test_a_served_waiter_does_not_time_out(self) -> None:
+        clock = Clock()
+        admission = Admission(1, clock, queue_timeout=10)
+        running = self.successResultOf(admission.acquire())
+        served = admission.acquire()
+        later = admission.acquire()
+        clock.advance(5)
+        running.release()
+        ticket = self.successResultOf(served)
+        clock.advance(5)
+        self.failureResultOf(later, QueueTimeout)
+        self.assertFalse(ticket.released)
+
+    def test_the_deadlines_of_those_who_left_are_let_go(self) -> None:
+        clock = Clock()
+        admission = Admission(1, clock, max_queue=10_000, queue_timeout=600)
+        self.successResultOf(admission.acquire())
+        for _ in range(1000):
+            d = admission.acquire(lambda n: None)
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+        staying = admission.acquire()
+        self.assertLess(len(admission._deadlines), 100)
+        self.assertEqual(admission.waiting, 1)
+        clock.advance(600)
+        self.failureResultOf(staying, QueueTimeout)

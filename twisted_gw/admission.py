@@ -22,6 +22,7 @@ logic: time comes from the injected clock.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Optional, Union
 
@@ -74,7 +75,7 @@ class _Waiter:
     on_position: Optional[PositionCallback]
     model: Optional[str] = None
     exclude: frozenset[Route] = frozenset()
-    timer: Optional[IDelayedCall] = None
+    deadline: float = 0.0
     position: int = 0
 
 
@@ -97,6 +98,10 @@ class Admission:
         self._waiters: dict[Entry, _Waiter] = {}
         self._running: dict[str, int] = {}
         self._caps: dict[str, Optional[int]] = {}
+        # Waiters in arrival order, so by deadline (the timeout is the same for all):
+        # one timer for the earliest instead of one per waiter (each costs ~600 bytes).
+        self._deadlines: deque[_Waiter] = deque()
+        self._sweep: Optional[IDelayedCall] = None
 
     @property
     def limit(self) -> int:
@@ -172,9 +177,11 @@ class Admission:
                 return fail(QueueFull(per_user=True))
         entry = self._scheduler.enqueue_first(user) if first else self._scheduler.enqueue(user, weight)
         d: Deferred[Ticket] = Deferred(lambda _: self._leave(waiter))
-        waiter = _Waiter(entry, d, on_position, model, exclude)
+        waiter = _Waiter(entry, d, on_position, model, exclude, self.clock.seconds() + self.queue_timeout)
         self._waiters[entry] = waiter
-        waiter.timer = self.clock.callLater(self.queue_timeout, self._expire, waiter, QueueTimeout)
+        self._deadlines.append(waiter)
+        if self._sweep is None:
+            self._sweep = self.clock.callLater(self.queue_timeout, self._expire_due)
         self._tell_positions()
         return d
 
@@ -189,13 +196,34 @@ class Admission:
         if self._waiters.pop(waiter.entry, None) is None:
             return
         self._scheduler.remove(waiter.entry)
-        if waiter.timer is not None and waiter.timer.active():
-            waiter.timer.cancel()
+        self._gone(waiter)
         self.changed()
+
+    def _gone(self, waiter: _Waiter) -> None:
+        """A waiter is out of the queue: its deadline no longer holds what it referred to."""
+        waiter.on_position = None
+        if len(self._deadlines) > 2 * len(self._waiters) + 64:
+            self._deadlines = deque(w for w in self._deadlines if self._waiters.get(w.entry) is w)
 
     def _expire(self, waiter: _Waiter, error: type[Exception]) -> None:
         self._leave(waiter)
         waiter.deferred.errback(error())
+
+    def _expire_due(self) -> None:
+        """Fail the waiters whose time in the queue is up; set the timer for the next."""
+        self._sweep = None
+        now = self.clock.seconds()
+        deadlines = self._deadlines
+        while deadlines:
+            waiter = deadlines[0]
+            if self._waiters.get(waiter.entry) is not waiter:
+                deadlines.popleft()  # served or gone
+            elif waiter.deadline <= now:
+                deadlines.popleft()
+                self._expire(waiter, QueueTimeout)
+            else:
+                self._sweep = self.clock.callLater(waiter.deadline - now, self._expire_due)
+                return
 
     def close(self) -> None:
         """Admit nothing more; every waiter fails with L{ShuttingDown}."""
@@ -205,6 +233,10 @@ class Admission:
         if self._next_pass is not None and self._next_pass.active():
             self._next_pass.cancel()
         self._next_pass = None
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+        self._deadlines.clear()
 
     def _released(self, user: str, route: Route) -> None:
         self._running[user] -= 1
@@ -234,8 +266,7 @@ class Admission:
             route = chosen.pop()
             self.router.take_turn(route)
             waiter = self._waiters.pop(entry)
-            if waiter.timer is not None and waiter.timer.active():
-                waiter.timer.cancel()
+            self._gone(waiter)
             waiter.deferred.callback(self._grant(entry.user, route, waited=True))
 
     def _tell_positions(self) -> None:
