@@ -100,6 +100,21 @@ class AssembledResponseTests(GatewayTestCase):
         self.assertEqual(metrics["users"]["alice"]["completion_tokens"], 3)
         self.assertEqual(metrics["queue"]["active"], 0)
 
+    async def test_a_request_that_waited_in_the_queue_is_assembled_too(self) -> None:
+        # while it waits its parsed body is let go; it is parsed again to be sent as a stream
+        await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1)
+        first = Deferred.fromCoroutine(self.chat(stream=False))
+        await self.fake.next_request()
+        second = Deferred.fromCoroutine(self.chat(stream=False))
+        while (await self.metrics())["queue"]["waiting"] < 1:
+            pass
+        self.fake.release(2 * len(self.fake.reply))
+        for reply in (await first, await second):
+            self.assertEqual(reply.code, 200)
+            self.assertEqual((await reply.json())["object"], "chat.completion")
+        self.assertEqual([g.json()["stream"] for g in self.fake.generations], [True, True])
+        self.assertEqual(self.fake.generations[0].json()["messages"], self.fake.generations[1].json()["messages"])
+
     async def test_upstream_without_props_is_not_assembled(self) -> None:
         await self.start(fake=FakeLlama(reactor, has_props=False))
         reply = await self.chat(stream=False)

@@ -80,6 +80,23 @@ class BodyInfo:
     stream: bool = False
     model: Optional[str] = None
     document: Any = None
+    shed_document: bool = False  # parsed, then let go (see L{shed})
+
+    def shed(self) -> BodyInfo:
+        """
+        The same without the parsed document, for a request that waits: a
+        JSON document takes several times its text's memory, and the text is
+        kept anyway.  L{reparsed} brings it back.
+        """
+        if self.document is None:
+            return self
+        return attrs.evolve(self, document=None, shed_document=True)
+
+    def reparsed(self, body: bytes) -> BodyInfo:
+        """The document again, parsed from C{body} (the text it came from), if it was shed."""
+        if not self.shed_document:
+            return self
+        return attrs.evolve(self, document=json.loads(body), shed_document=False)
 
 
 def _is_json_type(content_type: Optional[bytes]) -> bool:

@@ -68,7 +68,8 @@ class Exchange:
     request: Request
     user: str
     started: float
-    stream: bool = False
+    info: BodyInfo = attrs.Factory(BodyInfo)
+    stream: bool = attrs.field(init=False)
     event_stream: bool = False
     headers_sent: bool = False
     status: int = 0
@@ -77,12 +78,16 @@ class Exchange:
     tracker: sse.UsageTracker = attrs.Factory(sse.UsageTracker)
     current: Optional[Deferred[Any]] = None
     interrupted: Optional[GatewayError] = None
-    model: Optional[str] = None
+    model: Optional[str] = attrs.field(init=False)
     first_token_at: Optional[float] = None
     error: Optional[str] = None
     running: bool = False  # past the queue
     ticket: Optional[Ticket] = None
     upstream: Optional[Upstream] = None  # the one it went to (last)
+
+    def __attrs_post_init__(self) -> None:
+        self.stream = self.info.stream
+        self.model = self.info.model
 
     def write(self, data: bytes) -> None:
         self.request.write(data)
@@ -162,8 +167,7 @@ class Proxy:
         check_method(request.method)
         uri = check_uri(request.uri)
         body = request.content.read() if request.content is not None else b""
-        info = inspect_body(body, request.getHeader(b"content-type"))
-        ex = Exchange(request, user, self.clock.seconds(), stream=info.stream, model=info.model)
+        ex = Exchange(request, user, self.clock.seconds(), info=inspect_body(body, request.getHeader(b"content-type")))
         settings = self.settings_for(user)
         self.active.add(ex)
         try:
@@ -175,7 +179,7 @@ class Proxy:
             if request.method == b"GET" and uri.partition(b"?")[0] == b"/v1/models" and len(self.upstreams) > 1:
                 await self._models_union(ex)
             else:
-                await self._forward(ex, uri, body, info, settings)
+                await self._forward(ex, uri, body, settings)
         except CancelledError:
             ex.cancelled = True
             raise
@@ -248,11 +252,14 @@ class Proxy:
         """A place on an upstream for C{ex}; C{exclude}: upstreams that failed it (it goes first in the queue)."""
         on_position = (lambda n: self._queued(ex, n)) if ex.stream else None
         try:
-            ticket = await self.admission.acquire(
+            waiting = self.admission.acquire(
                 on_position, user=ex.user, weight=settings.weight,
                 max_concurrent=settings.max_concurrent, max_queued=settings.max_queued,
                 model=ex.model, exclude=exclude, first=bool(exclude),
             )
+            if not waiting.called:  # it waits: the body's parsed form is not kept meanwhile
+                ex.info = ex.info.shed()
+            ticket = await waiting
         except QueueFull as e:
             if e.per_user:
                 raise GatewayError(
@@ -338,12 +345,13 @@ class Proxy:
             return known
         return await ex.wait(Deferred.fromCoroutine(upstream.is_llamacpp()))
 
-    async def _forward(self, ex: Exchange, uri: bytes, body: bytes, info: BodyInfo, settings: UserSettings) -> None:
+    async def _forward(self, ex: Exchange, uri: bytes, body: bytes, settings: UserSettings) -> None:
         """
         Send the request upstream and relay the answer.  An upstream that
         cannot be reached, or answers 503 (loading), before anything of it was
         relayed is left for another that may serve the request (failover).
         """
+        info = ex.info = ex.info.reparsed(body)
         headers = self._upstream_headers(ex.request, ex.user)
         tried: list[Route] = []
         while True:
@@ -376,10 +384,7 @@ class Proxy:
         elif await self._needs_usage_injection(ex, upstream, uri, info):
             body = with_usage_requested(info.document)
             injected_usage = True
-        timer = self.clock.callLater(
-            self.upstream_timeout, ex.interrupt,
-            gateway_timeout(f"The upstream sent no response within {self.upstream_timeout:g} s.", "upstream_timeout"),
-        )
+        timer = self.clock.callLater(self.upstream_timeout, self._timed_out, ex, "upstream_timeout")
         try:
             response = await ex.wait(upstream.request(ex.request.method, uri, headers.copy(), body or None))
         except (CancelledError, GatewayError):
@@ -551,10 +556,15 @@ class Proxy:
             ex.tracker.see_body(b"".join(kept))
 
     def _idle_timer(self, ex: Exchange) -> IDelayedCall:
-        return self.clock.callLater(
-            self.idle_timeout, ex.interrupt,
-            gateway_timeout(f"The upstream was silent for {self.idle_timeout:g} s.", "idle_timeout"),
-        )
+        return self.clock.callLater(self.idle_timeout, self._timed_out, ex, "idle_timeout")
+
+    def _timed_out(self, ex: Exchange, code: str) -> None:
+        """A timer ran out (the error is only made then: most requests never need it)."""
+        if code == "upstream_timeout":
+            message = f"The upstream sent no response within {self.upstream_timeout:g} s."
+        else:
+            message = f"The upstream was silent for {self.idle_timeout:g} s."
+        ex.interrupt(gateway_timeout(message, code))
 
     async def _relay_error_as_event(self, ex: Exchange, response: IResponse) -> None:
         chunks: list[bytes] = []
