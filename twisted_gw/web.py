@@ -93,41 +93,9 @@ class GatewayApp:
         """
         C{/v1/...} without Klein's routing (werkzeug's URL map costs more than
         the rest of a small request): what Klein does for the C{/v1} branch,
-        directly.  The handler's Deferred is cancelled when the client leaves;
-        errors are rendered by the same handlers; the request is finished
-        unless the client has gone.
+        directly (see L{_V1Call}).
         """
-        finished = False
-        d = Deferred.fromCoroutine(self.v1(request))
-
-        def gone(failure: Failure) -> None:
-            nonlocal finished
-            finished = True
-            d.cancel()
-
-        def done(result: object) -> None:
-            nonlocal finished
-            finished = True
-
-        request.notifyFinish().addCallbacks(done, gone)
-
-        def failed(failure: Failure) -> Optional[bytes]:
-            if finished:
-                if not failure.check(CancelledError):
-                    log.failure("Unhandled Error Processing Request.", failure)
-                return None
-            if failure.check(GatewayError):
-                return self.gateway_error(request, failure)
-            return self.internal_error(request, failure)
-
-        def respond(body: Optional[bytes]) -> None:
-            if body is not None:
-                request.write(body)
-            if not finished:
-                request.finish()
-
-        d.addErrback(failed).addCallback(respond)
-        d.addErrback(lambda f: log.failure("Unhandled Error writing response", f))
+        _V1Call(self, request)
         return server.NOT_DONE_YET
 
     def dashboard(self, request: IRequest) -> bytes:
@@ -240,6 +208,51 @@ class _Front(resource.Resource):
         if path == b"/health" and request.method in (b"GET", b"HEAD"):
             return self._app.health(request)  # probed often; the cheapest answer
         return self._klein.render(request)
+
+
+class _V1Call:
+    """
+    One C{/v1} request's handler: cancelled when the client leaves, its
+    errors rendered by the app's handlers, the request finished unless the
+    client has gone.  A small object with bound methods rather than closures:
+    thousands of them may wait in the queue at once.
+    """
+
+    __slots__ = ("app", "finished", "handler", "request")
+
+    def __init__(self, app: GatewayApp, request: server.Request) -> None:
+        self.app = app
+        self.request = request
+        self.finished = False
+        self.handler = Deferred.fromCoroutine(app.v1(request))
+        request.notifyFinish().addCallbacks(self._done, self._gone)
+        self.handler.addErrback(self._failed).addCallback(self._respond).addErrback(_write_failed)
+
+    def _gone(self, failure: Failure) -> None:
+        self.finished = True
+        self.handler.cancel()
+
+    def _done(self, result: object) -> None:
+        self.finished = True
+
+    def _failed(self, failure: Failure) -> Optional[bytes]:
+        if self.finished:
+            if not failure.check(CancelledError):
+                log.failure("Unhandled Error Processing Request.", failure)
+            return None
+        if failure.check(GatewayError):
+            return self.app.gateway_error(self.request, failure)
+        return self.app.internal_error(self.request, failure)
+
+    def _respond(self, body: Optional[bytes]) -> None:
+        if body is not None:
+            self.request.write(body)
+        if not self.finished:
+            self.request.finish()
+
+
+def _write_failed(failure: Failure) -> None:
+    log.failure("Unhandled Error writing response", failure)
 
 
 class GatewayRequest(server.Request):
