@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -62,6 +63,27 @@ class AccountingTests(SynchronousTestCase):
                              "p50_ttft_s": 1.0, "p95_ttft_s": 1.9})
         clock.advance(301)
         self.assertEqual(accounting.percentiles()["p95_response_time_s"], None)
+
+    def test_a_burst_expires_and_is_compacted(self) -> None:
+        clock = Clock()
+        accounting = Accounting(clock)
+        for i in range(2000):  # a burst: 2000 requests in 20 s, every tenth without a first token
+            clock.advance(0.01)
+            rec = record("alice", 1, 2, duration=float(i % 100))
+            accounting.record(rec if i % 10 else attrs.evolve(rec, ttft=0.5))
+        self.assertEqual(accounting.tokens_per_second(300), 4000 / 300)
+        self.assertEqual(accounting.percentiles()["p50_ttft_s"], 0.5)
+        self.assertEqual(accounting.percentiles()["p95_response_time_s"], 94.0)
+        clock.advance(290)  # the first half is now older than five minutes
+        self.assertEqual(accounting.tokens_per_second(300), 2000 / 300)
+        self.assertAlmostEqual(accounting.average_response_time(), 49.5)
+        clock.advance(10)  # all of the burst is
+        accounting.record(record("bob", 1, 1, 1.0))
+        self.assertLess(len(accounting._recent.at), 10)  # what expired was let go
+        self.assertEqual(accounting.average_response_time(), 1.0)
+        clock.advance(301)
+        self.assertEqual(accounting.average_response_time(), 0.0)
+        self.assertEqual(accounting.percentiles()["p50_ttft_s"], None)
 
     def test_restore(self) -> None:
         accounting = Accounting(Clock())

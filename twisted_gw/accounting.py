@@ -6,6 +6,7 @@ throughput and latency.  Time comes from an injected L{IReactorTime}.
 from __future__ import annotations
 
 import math
+from array import array
 from collections import deque
 from collections.abc import Mapping
 from typing import Optional
@@ -41,6 +42,53 @@ class RequestRecord:
     error: Optional[str] = None
 
 
+class _Recent:
+    """
+    Finished requests of the last minutes as columns of floats (time, completion
+    tokens, duration, time to first token or NaN): no Python object per
+    request.  Objects made one per request as a burst of clients leaves would
+    be scattered over the allocator's arenas and keep every one of them from
+    being given back after the burst.
+    """
+
+    def __init__(self) -> None:
+        self.at = array("d")
+        self.tokens = array("d")
+        self.duration = array("d")
+        self.ttft = array("d")
+        self._first = 0  # entries before this index have expired
+
+    def __len__(self) -> int:
+        return len(self.at) - self._first
+
+    def add(self, at: float, tokens: int, duration: float, ttft: Optional[float]) -> None:
+        self.at.append(at)
+        self.tokens.append(tokens)
+        self.duration.append(duration)
+        self.ttft.append(math.nan if ttft is None else ttft)
+
+    def expire(self, horizon: float) -> None:
+        """Forget the entries older than C{horizon}; the columns are compacted now and then."""
+        at, first = self.at, self._first
+        while first < len(at) and at[first] < horizon:
+            first += 1
+        if first > 256 and 2 * first > len(at):
+            for column in (self.at, self.tokens, self.duration, self.ttft):
+                del column[:first]
+            first = 0
+        self._first = first
+
+    def tokens_since(self, horizon: float) -> float:
+        at, tokens = self.at, self.tokens
+        return sum(tokens[i] for i in range(self._first, len(at)) if at[i] >= horizon)
+
+    def durations(self) -> list[float]:
+        return self.duration[self._first:].tolist()
+
+    def ttfts(self) -> list[float]:
+        return [t for t in self.ttft[self._first:] if not math.isnan(t)]
+
+
 @attrs.define
 class UserTotals:
     requests: int = 0
@@ -56,8 +104,7 @@ class Accounting:
         self._clock = clock
         self.totals = UserTotals()
         self.users: dict[str, UserTotals] = {}
-        # (finished at, completion tokens, duration, time to first token), oldest first
-        self._recent: deque[tuple[float, int, float, Optional[float]]] = deque()
+        self._recent = _Recent()  # the last five minutes of finished requests
         self._buckets: deque[list[float]] = deque()  # [bucket start, completion tokens]
         self.today: dict[str, UserTotals] = {}
         self._today_number = int(clock.seconds() // DAY)
@@ -110,13 +157,11 @@ class Accounting:
             totals.prompt_tokens += rec.prompt_tokens
             totals.completion_tokens += rec.completion_tokens
             totals.cancelled += rec.cancelled
-        self._recent.append((self._clock.seconds(), rec.completion_tokens, rec.duration, rec.ttft))
+        self._recent.add(now, rec.completion_tokens, rec.duration, rec.ttft)
         self._expire()
 
     def _expire(self) -> None:
-        horizon = self._clock.seconds() - WINDOW_5M
-        while self._recent and self._recent[0][0] < horizon:
-            self._recent.popleft()
+        self._recent.expire(self._clock.seconds() - WINDOW_5M)
         history_start = self._clock.seconds() - HISTORY
         while self._buckets and self._buckets[0][0] < history_start:
             self._buckets.popleft()
@@ -125,20 +170,19 @@ class Accounting:
         """Completion tokens of requests finished in the last C{window} seconds, per second."""
         self._expire()
         horizon = self._clock.seconds() - window
-        return sum(tokens for at, tokens, _, _ in self._recent if at >= horizon) / window
+        return self._recent.tokens_since(horizon) / window
 
     def average_response_time(self) -> float:
         """Mean duration of the requests finished in the last five minutes (0 when none)."""
         self._expire()
-        if not self._recent:
-            return 0.0
-        return sum(duration for _, _, duration, _ in self._recent) / len(self._recent)
+        durations = self._recent.durations()
+        return sum(durations) / len(durations) if durations else 0.0
 
     def percentiles(self) -> dict[str, Optional[float]]:
         """p50 and p95 of request duration and time to first token, over the last five minutes."""
         self._expire()
-        durations = sorted(d for _, _, d, _ in self._recent)
-        ttfts = sorted(t for _, _, _, t in self._recent if t is not None)
+        durations = sorted(self._recent.durations())
+        ttfts = sorted(self._recent.ttfts())
         return {
             "p50_response_time_s": _percentile(durations, 0.50),
             "p95_response_time_s": _percentile(durations, 0.95),
