@@ -17,9 +17,10 @@ from collections.abc import Callable
 from typing import Any, Optional, TypeVar
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
@@ -92,6 +93,9 @@ class Exchange:
     def write(self, data: bytes) -> None:
         self.request.write(data)
 
+    def write_keepalive(self) -> None:
+        self.request.write(KEEPALIVE)
+
     def start_event_stream(self) -> None:
         """Send 200 and SSE response headers now, before the upstream answered."""
         self.request.setResponseCode(200)
@@ -163,7 +167,13 @@ class Proxy:
         """The first upstream (the only one, usually)."""
         return self.upstreams[0]
 
-    async def handle(self, request: Request, user: str) -> None:
+    def handle(self, request: Request, user: str) -> Deferred[None]:
+        """
+        Proxy one C{/v1} request; fires when it is done, cancelling it is the
+        client leaving.  The checks run now.  A request that has to wait for
+        a place is only a Deferred in the queue until it gets one (thousands
+        may wait); the coroutine that sends it on (L{_run}) starts then.
+        """
         check_method(request.method)
         uri = check_uri(request.uri)
         body = request.content.read() if request.content is not None else b""
@@ -173,10 +183,44 @@ class Proxy:
         try:
             if self.quotas is not None:
                 self._check_quota(ex, settings)
-            if request.method == b"POST":
-                ex.ticket = await self._admit(ex, settings)
+        except GatewayError:
+            unreported = self._not_admitted(Failure(), ex)  # raises it when it is to be the answer
+            return succeed(None) if unreported is None else fail(unreported)
+        if request.method != b"POST":
+            return Deferred.fromCoroutine(self._run(ex, uri, body, settings))
+        # (one callback pair on the queue's Deferred: each costs some 250 bytes while it waits)
+        return self._acquire(ex, settings).addCallbacks(
+            self._admitted, self._not_admitted, callbackArgs=(ex, uri, body, settings), errbackArgs=(ex,),
+        )
+
+    def _admitted(
+        self, ticket: Ticket, ex: Exchange, uri: bytes, body: bytes, settings: UserSettings
+    ) -> Deferred[None]:
+        ex.ticket = self._got_place(ticket, ex)
+        return Deferred.fromCoroutine(self._run(ex, uri, body, settings))
+
+    def _not_admitted(self, failure: Failure, ex: Exchange) -> Optional[Failure]:
+        """A request that never got a place (refused, timed out, its client gone): reported and settled."""
+        try:
+            try:
+                failure = self._no_place(failure, ex)
+            except GatewayError:
+                failure = Failure()
+            if failure.check(CancelledError):
+                ex.cancelled = True
+            elif isinstance(failure.value, GatewayError):
+                ex.error = failure.value.code
+                self._report(ex, failure.value)
+                return None
+            return failure
+        finally:
+            self._settle(ex)
+
+    async def _run(self, ex: Exchange, uri: bytes, body: bytes, settings: UserSettings) -> None:
+        """A request with its place (or one that needs none): sent on, answered, settled."""
+        try:
             ex.running = True
-            if request.method == b"GET" and uri.partition(b"?")[0] == b"/v1/models" and len(self.upstreams) > 1:
+            if ex.request.method == b"GET" and uri.partition(b"?")[0] == b"/v1/models" and len(self.upstreams) > 1:
                 await self._models_union(ex)
             else:
                 await self._forward(ex, uri, body, settings)
@@ -187,11 +231,15 @@ class Proxy:
             ex.error = e.code
             self._report(ex, e)
         finally:
-            self._stop_keepalive(ex)
-            if ex.ticket is not None:
-                ex.ticket.release()
-            # the books (totals, ledger, metrics, the access line) need not hold up the answer
-            after_flush(self.clock, self._finished, ex, request)
+            self._settle(ex)
+
+    def _settle(self, ex: Exchange) -> None:
+        """Whatever way a request ended: its place given back, its books kept."""
+        self._stop_keepalive(ex)
+        if ex.ticket is not None:
+            ex.ticket.release()
+        # the books (totals, ledger, metrics, the access line) need not hold up the answer
+        after_flush(self.clock, self._finished, ex, ex.request)
 
     def _finished(self, ex: Exchange, request: Request) -> None:
         self.active.discard(ex)
@@ -248,36 +296,49 @@ class Proxy:
                 {b"Retry-After": str(max(1, math.ceil(spent.retry_after))).encode()},
             )
 
-    async def _admit(self, ex: Exchange, settings: UserSettings, exclude: frozenset[Route] = frozenset()) -> Ticket:
-        """A place on an upstream for C{ex}; C{exclude}: upstreams that failed it (it goes first in the queue)."""
-        on_position = (lambda n: self._queued(ex, n)) if ex.stream else None
-        try:
-            waiting = self.admission.acquire(
-                on_position, user=ex.user, weight=settings.weight,
-                max_concurrent=settings.max_concurrent, max_queued=settings.max_queued,
-                model=ex.model, exclude=exclude, first=bool(exclude),
-            )
-            if not waiting.called:  # it waits: the body's parsed form is not kept meanwhile
-                ex.info = ex.info.shed()
-            ticket = await waiting
-        except QueueFull as e:
+    def _admit(self, ex: Exchange, settings: UserSettings, exclude: frozenset[Route] = frozenset()) -> Deferred[Ticket]:
+        """
+        A place on an upstream for C{ex}; C{exclude}: upstreams that failed it
+        (it goes first in the queue).  Fails with the L{GatewayError} to answer.
+        """
+        return self._acquire(ex, settings, exclude).addCallbacks(
+            self._got_place, self._no_place, callbackArgs=(ex,), errbackArgs=(ex,),
+        )
+
+    def _acquire(
+        self, ex: Exchange, settings: UserSettings, exclude: frozenset[Route] = frozenset()
+    ) -> Deferred[Ticket]:
+        """The queue's own Deferred for a place (see L{_admit})."""
+        waiting = self.admission.acquire(
+            _Queued(self, ex) if ex.stream else None, user=ex.user, weight=settings.weight,
+            max_concurrent=settings.max_concurrent, max_queued=settings.max_queued,
+            model=ex.model, exclude=exclude, first=bool(exclude),
+        )
+        if not waiting.called:  # it waits: the body's parsed form is not kept meanwhile
+            ex.info = ex.info.shed()
+        return waiting
+
+    def _got_place(self, ticket: Ticket, ex: Exchange) -> Ticket:
+        self._stop_keepalive(ex)
+        ex.queue_wait = self.clock.seconds() - ex.started
+        return ticket
+
+    def _no_place(self, failure: Failure, ex: Exchange) -> Failure:
+        self._stop_keepalive(ex)
+        e = failure.value
+        if isinstance(e, QueueFull):
+            retry = {b"Retry-After": str(self._retry_after()).encode()}
             if e.per_user:
                 raise GatewayError(
                     429, "You already have as many requests waiting as you may; retry later.",
-                    "rate_limit_error", "user_queue_full", {b"Retry-After": str(self._retry_after()).encode()},
-                ) from None
-            raise GatewayError(
-                429, "The queue is full; retry later.", "rate_limit_error", "queue_full",
-                {b"Retry-After": str(self._retry_after()).encode()},
-            ) from None
-        except QueueTimeout:
-            raise unavailable("Timed out waiting in the queue.", "queue_timeout", self._retry_after()) from None
-        except ShuttingDown:
-            raise unavailable("The gateway is shutting down.", "shutting_down", 5) from None
-        finally:
-            self._stop_keepalive(ex)
-        ex.queue_wait = self.clock.seconds() - ex.started
-        return ticket
+                    "rate_limit_error", "user_queue_full", retry,
+                )
+            raise GatewayError(429, "The queue is full; retry later.", "rate_limit_error", "queue_full", retry)
+        if isinstance(e, QueueTimeout):
+            raise unavailable("Timed out waiting in the queue.", "queue_timeout", self._retry_after())
+        if isinstance(e, ShuttingDown):
+            raise unavailable("The gateway is shutting down.", "shutting_down", 5)
+        return failure
 
     def _retry_after(self) -> int:
         """Seconds until a place is likely free: the queue ahead times the mean request time."""
@@ -289,7 +350,7 @@ class Proxy:
         if not ex.headers_sent:
             ex.start_event_stream()
             ex.request.setHeader(b"X-Queue-Position", str(position).encode("ascii"))
-            self.keepalives.add(ex, lambda: ex.write(KEEPALIVE))
+            self.keepalives.add(ex, ex.write_keepalive)
         ex.write(sse.queue_position_comment(position))
         if self.queue_events == "data":
             ex.write(sse.queue_update_event(position))
@@ -662,6 +723,19 @@ def after_flush(clock: IReactorTime, f: Callable[..., object], *args: Any) -> No
     before that poll: the call is put off twice.
     """
     clock.callLater(0, clock.callLater, 0, f, *args)
+
+
+class _Queued:
+    """Tells a waiting stream its queue position (a partial would take five times the memory)."""
+
+    __slots__ = ("ex", "proxy")
+
+    def __init__(self, proxy: Proxy, ex: Exchange) -> None:
+        self.proxy = proxy
+        self.ex = ex
+
+    def __call__(self, position: int) -> None:
+        self.proxy._queued(self.ex, position)
 
 
 class _Unreachable(Exception):

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import attrs
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -136,7 +136,8 @@ class GatewayApp:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
         return self.prometheus()
 
-    async def v1(self, request: server.Request) -> None:
+    def v1(self, request: server.Request) -> Deferred[None]:
+        """A C{/v1} request: its key checked, then proxied; fires when it is done."""
         user: Optional[str] = None
         try:
             key = bearer_key(request)
@@ -151,12 +152,11 @@ class GatewayApp:
                                        {b"Allow": b"GET, HEAD"})
                 request.setHeader(b"Cache-Control", b"no-store")
                 request.write(_json(request, 200, self.me(user)))
-                return
-            await self.proxy.handle(request, user)
-        except GatewayError as e:
-            if not e.accounted:
-                log_refused(request, user, e)
-            raise
+                return succeed(None)
+            # (its own refusals are raised here; later errors are in its access line)
+            return self.proxy.handle(request, user)
+        except Exception:
+            return fail().addErrback(_log_refused, request, user)
 
     def gateway_error(self, request: IRequest, failure: Failure) -> bytes:
         e = failure.value
@@ -224,9 +224,9 @@ class _V1Call:
         self.app = app
         self.request = request
         self.finished = False
-        self.handler = Deferred.fromCoroutine(app.v1(request))
+        self.handler = app.v1(request)
         request.notifyFinish().addCallbacks(self._done, self._gone)
-        self.handler.addErrback(self._failed).addCallback(self._respond).addErrback(_write_failed)
+        self.handler.addBoth(self._end)
 
     def _gone(self, failure: Failure) -> None:
         self.finished = True
@@ -244,15 +244,25 @@ class _V1Call:
             return self.app.gateway_error(self.request, failure)
         return self.app.internal_error(self.request, failure)
 
-    def _respond(self, body: Optional[bytes]) -> None:
-        if body is not None:
-            self.request.write(body)
-        if not self.finished:
-            self.request.finish()
+    def _end(self, result: object) -> None:
+        """The handler is done: its error rendered, the request finished (unless the client left)."""
+        try:
+            body = self._failed(result) if isinstance(result, Failure) else None
+            if body is not None:
+                self.request.write(body)
+            if not self.finished:
+                self.request.finish()
+        except Exception:
+            log.failure("Unhandled Error writing response")
 
 
-def _write_failed(failure: Failure) -> None:
-    log.failure("Unhandled Error writing response", failure)
+def _log_refused(failure: Failure, request: server.Request, user: Optional[str]) -> Failure:
+    """A request refused before it was proxied (bad key, bad input) still gets its access line."""
+    e = failure.value
+    if isinstance(e, GatewayError) and not e.accounted:
+        log_refused(request, user, e)
+    return failure
+
 
 
 class GatewayRequest(server.Request):
