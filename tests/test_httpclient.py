@@ -7,6 +7,7 @@ exercised against a real server on 127.0.0.1.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Optional, cast
 
 from support import reactor
@@ -442,3 +443,6 @@ class LoopbackTests(TestCase):
             self.assertEqual(body.data, b"ok")
         self.assertEqual(factory.connections, 1)  # type: ignore[attr-defined]
         self.assertEqual(reused, [False, True, True, True, True])
+        connection = await pool.connection()
+        handle = connection.transport.getHandle()  # type: ignore[union-attr]
+        self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))  # a chunk is not held back

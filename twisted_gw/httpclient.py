@@ -34,7 +34,7 @@ import re
 from typing import Any, Optional, cast
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -151,6 +151,10 @@ class Connection(Protocol):
         self._lost: list[Deferred[None]] = []
         self._aborted = False
         self.idle_since = 0.0
+
+    def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)  # as Agent does
 
     def request(self, data: bytes, head_only: bool = False) -> Deferred[Response]:
         """Write a whole request (C{data}); fires with the response once its head arrived."""
