@@ -446,3 +446,4 @@ class LoopbackTests(TestCase):
         connection = await pool.connection()
         handle = connection.transport.getHandle()  # type: ignore[union-attr]
         self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))  # a chunk is not held back
+        await connection.close()
