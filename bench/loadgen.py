@@ -430,13 +430,14 @@ async def paced_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     async def one(index: int, when: float) -> None:
         await _sleep_until(when)
+        tag = len(state)  # taken now: other streams append theirs while this one connects
         state.append([0, window_start, 0.0, 0])
         try:
             conn = await _connect(port)
         except OSError:
             errors[0] += 1
             return
-        conn.tag = len(state) - 1
+        conn.tag = tag
         conns.append(conn)
         tokens = math.ceil((window_end - time.monotonic()) / interval) + 2
         conn.send(build_request("POST", "/v1/chat/completions", port,
