@@ -42,6 +42,7 @@ from twisted_gw.checks import (
 )
 from twisted_gw.errors import GatewayError, bad_gateway, error_document, gateway_timeout, unavailable
 from twisted_gw.keepalive import Keepalives
+from twisted_gw.memory import AfterBurst
 from twisted_gw.quota import Quotas
 from twisted_gw.routing import DOWN, LOADING, Route, model_ids, union_of_model_lists
 from twisted_gw.upstream import Upstream, stream_body
@@ -157,10 +158,12 @@ class Proxy:
     _idle: list[Deferred[None]] = attrs.Factory(list)
     _by_route: dict[Route, Upstream] = attrs.field(init=False)
     keepalives: Keepalives = attrs.field(init=False)
+    memory: AfterBurst = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._by_route = {u.route: u for u in self.upstreams}
         self.keepalives = Keepalives(self.clock, self.keepalive_interval)
+        self.memory = AfterBurst(self.clock)
 
     @property
     def upstream(self) -> Upstream:
@@ -180,6 +183,7 @@ class Proxy:
         ex = Exchange(request, user, self.clock.seconds(), info=inspect_body(body, request.getHeader(b"content-type")))
         settings = self.settings_for(user)
         self.active.add(ex)
+        self.memory.seen(len(self.active))
         try:
             if self.quotas is not None:
                 self._check_quota(ex, settings)
@@ -243,6 +247,7 @@ class Proxy:
 
     def _finished(self, ex: Exchange, request: Request) -> None:
         self.active.discard(ex)
+        self.memory.seen(len(self.active))
         self._account(ex, request)
         if not self.active:
             idle, self._idle = self._idle, []
@@ -651,6 +656,7 @@ class Proxy:
         up to C{timeout} seconds, then interrupt those still running.
         """
         self.admission.close()
+        self.memory.stop()
         if not self.active:
             return succeed(None)
         done: Deferred[None] = Deferred()
