@@ -7,9 +7,9 @@ Neither treq nor Agent carries the proxied requests.  treq wraps every request
 in a shared cookie jar, a redirect follower and a gzip decoder, all of which a
 transparent proxy must not do (a cookie set for one user would be sent on
 another's request), and Agent's layers cost more than the rest of the gateway
-per relayed chunk (see L{twisted_gw.httpclient}).  treq remains in use for the
-gateway's tests and tools.  L{BodyRelay} stops the upstream connection when a
-body is no longer wanted, which is how llama.cpp learns to stop generating.
+per relayed chunk (see L{twisted_gw.httpclient}).  L{BodyRelay} stops the
+upstream connection when a body is no longer wanted, which is how llama.cpp
+learns to stop generating.
 """
 
 from __future__ import annotations
