@@ -596,7 +596,8 @@ class Proxy:
             request.write(b"")
 
         kept: list[bytes] = []
-        size = 0
+        # only generations (POST) report usage: a model list is not kept to be parsed
+        size = 0 if request.method == b"POST" else MAX_USAGE_BODY + 1
         parser = sse.SSEParser()
         # The client did not ask for usage but the gateway did: take out what it added.
         strip = sse.UsageStripper().feed if injected_usage else None

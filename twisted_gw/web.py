@@ -318,6 +318,14 @@ DEFAULT_MAX_BODY = 16 * 1024 * 1024
 class GatewayChannel(http.HTTPChannel):
     """HTTP/1.1 channel that answers an over-long request or header line with 431, not silence."""
 
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        """The local address, asked of the socket once per connection (Twisted asks it for every request)."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
     def lineLengthExceeded(self, line: bytes) -> None:
         body = error_json(
             f"A request header line is longer than {self.MAX_LENGTH} bytes.",
