@@ -1,0 +1,91 @@
+"""
+Two gateway source trees against one upstream, interleaved in blocks: CPU per request and p50.
+
+    git worktree add /tmp/before <commit>
+    python bench/ab.py /tmp/before .
+
+Starts the suite's upstream (bench/paced_upstream.py) and `twistd -n llmgw` twice on 127.0.0.1, each with
+PYTHONPATH set to one tree, then sends GET /v1/models, a non-stream chat and a stream of 8 chunks on one
+keep-alive connection per gateway, alternating blocks of 50 requests (the order flipping every block), and
+prints each tree's median time and CPU per request (from /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import suite  # noqa: E402
+from loadgen import BlockingClient, build_request, chat  # noqa: E402
+
+
+def start(tree: str, name: str, work: str, upstream: int) -> suite.Server:
+    port = suite.free_port()
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    cmd = [twistd, "-n", "--pidfile=", "llmgw", "--listen", f"tcp:{port}:interface=127.0.0.1",
+           "--upstream", f"http://127.0.0.1:{upstream}", "--usage-db", "none",
+           "--users", os.path.join(work, "users.json"), "--max-concurrent", "100", "--upstream-check-interval", "0"]
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+    server = suite.Server.__new__(suite.Server)
+    server.name, server.port, server.cmd = name, port, cmd
+    server.logfile = os.path.join(work, f"{name}.log")
+    with open(server.logfile, "wb") as out:
+        server.proc = subprocess.Popen(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=env, preexec_fn=suite._preexec)
+    server.pids = [server.proc.pid]
+    server.wait_up()
+    return server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("trees", nargs=2, help="two source trees (each with twisted_gw/ in it)")
+    parser.add_argument("--blocks", type=int, default=20, help="blocks of 50 requests per tree and case")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp()
+    with open(os.path.join(work, "users.json"), "w") as f:
+        json.dump({"users": {"bench": {"keys": ["sk-bench"]}}}, f)
+    upstream = suite.start_upstream(work)
+    gateways: list[suite.Server] = []
+    try:
+        for i, tree in enumerate(args.trees):
+            gateways.append(start(tree, f"gateway{i}", work, upstream.port))
+        for name, method, path, doc in (("GET /v1/models", "GET", "/v1/models", None),
+                                        ("chat non-stream", "POST", "/v1/chat/completions", chat(False)),
+                                        ("chat stream", "POST", "/v1/chat/completions", chat(True))):
+            clients = [BlockingClient(g.port) for g in gateways]
+            raws = [build_request(method, path, g.port, doc) for g in gateways]
+            times: list[list[float]] = [[], []]
+            cpu = [0.0, 0.0]
+            for i in (0, 1):
+                for _ in range(100):
+                    if clients[i].request(raws[i])[0].status != 200:
+                        raise SystemExit(f"{name} via {args.trees[i]}: not 200\n{gateways[i].log_tail()}")
+            for block in range(args.blocks):
+                for i in ((0, 1) if block % 2 == 0 else (1, 0)):
+                    c0 = gateways[i].cpu()
+                    for _ in range(50):
+                        start_at = time.perf_counter()
+                        clients[i].request(raws[i])
+                        times[i].append(time.perf_counter() - start_at)
+                    cpu[i] += gateways[i].cpu() - c0
+            for i in (0, 1):
+                print(f"{name:16s} {args.trees[i]:30s} p50 {statistics.median(times[i]) * 1e3:.3f} ms, "
+                      f"CPU per request {cpu[i] / len(times[i]) * 1e6:.0f} us", flush=True)
+    finally:
+        for g in gateways:
+            g.stop()
+        upstream.stop()
+
+
+if __name__ == "__main__":
+    main()
