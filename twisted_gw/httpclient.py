@@ -316,6 +316,13 @@ class Connection(Protocol):
                     return
                 pos = eol + 2
                 left = int(digits, 16)
+                end = pos + left
+                if left and end + 2 <= size and buf[end:end + 2] == b"\r\n":
+                    # the usual case, a whole chunk in what was read: taken in one step
+                    pieces.append(buf[pos:end])
+                    pos = end + 2
+                    left = 0
+                    continue
                 state = _CHUNK_DATA if left else _TRAILER
             elif state == _CHUNK_END:
                 if size - pos < 2:
