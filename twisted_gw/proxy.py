@@ -2,11 +2,13 @@
 One request's life: check it, wait for a place, send it upstream, relay the
 response as it arrives, then release the place and account for it.
 
-A client that leaves cancels the coroutine at whatever it awaits: the queue
-place (removed from the queue), the upstream's headers (connection aborted)
-or the body (connection stopped).  Timeouts and shutdown use the same path
-through L{Exchange.interrupt}, with an error to report instead.  C{finally}
-releases and accounts in every case.
+A client that leaves cancels its request wherever it is: waiting for a place
+(removed from the queue), or in the coroutine that runs it once it has one,
+at the upstream's headers (connection aborted) or the body (connection
+stopped).  Timeouts and shutdown use the same path through
+L{Exchange.interrupt}, with an error to report instead.  L{Proxy._settle}
+releases the place and keeps the books in every case, the books just after
+the answer has been sent.
 """
 
 from __future__ import annotations
