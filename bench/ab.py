@@ -6,8 +6,9 @@ Two gateway source trees against one upstream, interleaved in blocks: CPU per re
 
 Starts the suite's upstream (bench/paced_upstream.py) and `twistd -n llmgw` twice on 127.0.0.1, each with
 PYTHONPATH set to one tree, then sends GET /v1/models, a non-stream chat and a stream of 8 chunks on one
-keep-alive connection per gateway, alternating blocks of 50 requests (the order flipping every block), and
-prints each tree's median time and CPU per request (from /proc).
+keep-alive connection per gateway, alternating blocks of --block requests (the order flipping every block), and
+prints each tree's median time, time to the first byte (first data event for the stream) and CPU per request
+(from /proc).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -49,7 +49,10 @@ def start(tree: str, name: str, work: str, upstream: int) -> suite.Server:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("trees", nargs=2, help="two source trees (each with twisted_gw/ in it)")
-    parser.add_argument("--blocks", type=int, default=20, help="blocks of 50 requests per tree and case")
+    parser.add_argument("--blocks", type=int, default=20, help="blocks per tree and case")
+    parser.add_argument("--block", type=int, default=50,
+                        help="requests per block (1: the trees take turns request by request, so each has the "
+                             "other's request time to finish what it does after an answer, as in the suite)")
     args = parser.parse_args()
     work = tempfile.mkdtemp()
     with open(os.path.join(work, "users.json"), "w") as f:
@@ -65,6 +68,7 @@ def main() -> None:
             clients = [BlockingClient(g.port) for g in gateways]
             raws = [build_request(method, path, g.port, doc) for g in gateways]
             times: list[list[float]] = [[], []]
+            firsts: list[list[float]] = [[], []]
             cpu = [0.0, 0.0]
             for i in (0, 1):
                 for _ in range(100):
@@ -73,14 +77,17 @@ def main() -> None:
             for block in range(args.blocks):
                 for i in ((0, 1) if block % 2 == 0 else (1, 0)):
                     c0 = gateways[i].cpu()
-                    for _ in range(50):
-                        start_at = time.perf_counter()
-                        clients[i].request(raws[i])
-                        times[i].append(time.perf_counter() - start_at)
+                    for _ in range(args.block):
+                        response, start_at, end_at = clients[i].request(raws[i])
+                        times[i].append(end_at - start_at)
+                        first = response.first_data if doc is not None and doc.get("stream") else response.first_body
+                        firsts[i].append(first - start_at)
                     cpu[i] += gateways[i].cpu() - c0
             for i in (0, 1):
-                print(f"{name:16s} {args.trees[i]:30s} p50 {statistics.median(times[i]) * 1e3:.3f} ms, "
-                      f"CPU per request {cpu[i] / len(times[i]) * 1e6:.0f} us", flush=True)
+                print(f"{name:16s} {args.trees[i]:30s} p50 {statistics.median(times[i]) * 1e3:.3f} ms, first "
+                      f"{'data' if doc is not None and doc.get('stream') else 'byte'} p50 "
+                      f"{statistics.median(firsts[i]) * 1e3:.3f} ms, CPU per request "
+                      f"{cpu[i] / len(times[i]) * 1e6:.0f} us", flush=True)
     finally:
         for g in gateways:
             g.stop()
