@@ -185,6 +185,16 @@ class FramingTests(SynchronousTestCase):
             self.assertEqual(wire.pool.idle, 0, repr(head))
             self.assertTrue(wire.transport.disconnecting, repr(head))
 
+    def test_bytes_beyond_a_bodyless_response_end_the_connection(self) -> None:
+        wire = Wire()
+        d = wire.ask()
+        wire.feed(b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\n")
+        collected = Body()
+        result(d).deliverBody(collected)
+        self.assertEqual(collected.data, b"")
+        self.assertEqual(wire.pool.idle, 0)
+        self.assertTrue(wire.transport.disconnecting)
+
     def test_several_chunks_read_at_once_are_handed_on_as_one_piece(self) -> None:
         wire = Wire()
         d = wire.ask()

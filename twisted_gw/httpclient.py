@@ -218,15 +218,16 @@ class Connection(Protocol):
         self._buf = b""
         self._response = response
         waiting, self._waiting = self._waiting, None
+        # The rest of what was read is settled before anyone sees the response (and may
+        # send the next request on this connection when it is free again).
         if self._state == _IDLE:  # no body at all
+            if buf:
+                self._reusable = False  # bytes beyond the response: this connection is out of step
             self._complete(response)
+        elif buf:
+            self.dataReceived(buf)  # the body's first bytes: the response keeps them until delivered
         if waiting is not None:
             waiting.callback(response)
-        if buf and self._state not in (_IDLE, _DEAD):
-            self.dataReceived(buf)
-        elif buf and self._state == _IDLE:
-            self._reusable = False  # bytes beyond the response: this connection is out of step
-            self.abort()
 
     def _parse_head(self, head: bytes) -> Optional[Response]:
         """The response for a head, or None for an interim (1xx) one; sets how the body is framed."""
