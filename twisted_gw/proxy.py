@@ -73,7 +73,6 @@ class Exchange:
     user: str
     started: float
     info: BodyInfo = attrs.Factory(BodyInfo)
-    stream: bool = attrs.field(init=False)
     event_stream: bool = False
     headers_sent: bool = False
     status: int = 0
@@ -82,16 +81,19 @@ class Exchange:
     tracker: sse.UsageTracker = attrs.Factory(sse.UsageTracker)
     current: Optional[Deferred[Any]] = None
     interrupted: Optional[GatewayError] = None
-    model: Optional[str] = attrs.field(init=False)
     first_token_at: Optional[float] = None
     error: Optional[str] = None
     running: bool = False  # past the queue
     ticket: Optional[Ticket] = None
     upstream: Optional[Upstream] = None  # the one it went to (last)
 
-    def __attrs_post_init__(self) -> None:
-        self.stream = self.info.stream
-        self.model = self.info.model
+    @property
+    def stream(self) -> bool:
+        return self.info.stream
+
+    @property
+    def model(self) -> Optional[str]:
+        return self.info.model
 
     def write(self, data: bytes) -> None:
         self.request.write(data)
@@ -208,10 +210,7 @@ class Proxy:
     def _not_admitted(self, failure: Failure, ex: Exchange) -> Optional[Failure]:
         """A request that never got a place (refused, timed out, its client gone): reported and settled."""
         try:
-            try:
-                failure = self._no_place(failure, ex)
-            except GatewayError:
-                failure = Failure()
+            failure = self._as_answer(failure)
             if failure.check(CancelledError):
                 ex.cancelled = True
             elif isinstance(failure.value, GatewayError):
@@ -332,19 +331,25 @@ class Proxy:
 
     def _no_place(self, failure: Failure, ex: Exchange) -> Failure:
         self._stop_keepalive(ex)
+        return self._as_answer(failure)
+
+    def _as_answer(self, failure: Failure) -> Failure:
+        """The queue's refusals (full, timed out, shutting down) as the error to answer; others as they are."""
         e = failure.value
         if isinstance(e, QueueFull):
             retry = {b"Retry-After": str(self._retry_after()).encode()}
             if e.per_user:
-                raise GatewayError(
+                return Failure(GatewayError(
                     429, "You already have as many requests waiting as you may; retry later.",
                     "rate_limit_error", "user_queue_full", retry,
-                )
-            raise GatewayError(429, "The queue is full; retry later.", "rate_limit_error", "queue_full", retry)
+                ))
+            return Failure(GatewayError(
+                429, "The queue is full; retry later.", "rate_limit_error", "queue_full", retry,
+            ))
         if isinstance(e, QueueTimeout):
-            raise unavailable("Timed out waiting in the queue.", "queue_timeout", self._retry_after())
+            return Failure(unavailable("Timed out waiting in the queue.", "queue_timeout", self._retry_after()))
         if isinstance(e, ShuttingDown):
-            raise unavailable("The gateway is shutting down.", "shutting_down", 5)
+            return Failure(unavailable("The gateway is shutting down.", "shutting_down", 5))
         return failure
 
     def _retry_after(self) -> int:

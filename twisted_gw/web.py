@@ -264,7 +264,6 @@ def _log_refused(failure: Failure, request: server.Request, user: Optional[str])
     return failure
 
 
-
 class GatewayRequest(server.Request):
     """
     Keeps request bodies in memory (never a temporary file on the reactor
