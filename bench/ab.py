@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -26,24 +25,6 @@ sys.path.insert(0, HERE)
 
 import suite  # noqa: E402
 from loadgen import BlockingClient, build_request, chat  # noqa: E402
-
-
-def start(tree: str, name: str, work: str, upstream: int) -> suite.Server:
-    port = suite.free_port()
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    cmd = [twistd, "-n", "--pidfile=", "llmgw", "--listen", f"tcp:{port}:interface=127.0.0.1",
-           "--upstream", f"http://127.0.0.1:{upstream}", "--usage-db", "none",
-           "--users", os.path.join(work, "users.json"), "--max-concurrent", "100", "--upstream-check-interval", "0"]
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
-    server = suite.Server.__new__(suite.Server)
-    server.name, server.port, server.cmd = name, port, cmd
-    server.logfile = os.path.join(work, f"{name}.log")
-    with open(server.logfile, "wb") as out:
-        server.proc = subprocess.Popen(cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=env, preexec_fn=suite._preexec)
-    server.pids = [server.proc.pid]
-    server.wait_up()
-    return server
 
 
 def main() -> None:
@@ -61,7 +42,8 @@ def main() -> None:
     gateways: list[suite.Server] = []
     try:
         for i, tree in enumerate(args.trees):
-            gateways.append(start(tree, f"gateway{i}", work, upstream.port))
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+            gateways.append(suite.start_gateway(work, f"gateway{i}", upstream.port, 100, 100, env=env))
         for name, method, path, doc in (("GET /v1/models", "GET", "/v1/models", None),
                                         ("chat non-stream", "POST", "/v1/chat/completions", chat(False)),
                                         ("chat stream", "POST", "/v1/chat/completions", chat(True))):

@@ -144,14 +144,15 @@ def _preexec() -> None:
 class Server:
     """One server process; CPU and memory read from /proc for C{pids} (nginx: its worker)."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, logfile: str, cwd: Optional[str] = None) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, logfile: str, cwd: Optional[str] = None,
+                 env: Optional[dict[str, str]] = None) -> None:
         self.name = name
         self.port = port
         self.logfile = logfile
         self.cmd = cmd
         with open(logfile, "wb") as out:
             self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, preexec_fn=_preexec)
+                                         stdin=subprocess.DEVNULL, preexec_fn=_preexec, env=env)
         self.pids = [self.proc.pid]
 
     def wait_up(self, path: str = "/health", timeout: float = 30.0) -> None:
@@ -201,7 +202,9 @@ def start_upstream(work: str) -> Server:
     return server
 
 
-def start_gateway(work: str, name: str, upstream: int, max_concurrent: int, max_queue: int) -> Server:
+def start_gateway(work: str, name: str, upstream: int, max_concurrent: int, max_queue: int,
+                  env: Optional[dict[str, str]] = None) -> Server:
+    """C{twistd -n llmgw} in front of C{upstream}; C{env}: its environment (another source tree on PYTHONPATH)."""
     port = free_port()
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     if not os.path.exists(twistd):
@@ -211,7 +214,7 @@ def start_gateway(work: str, name: str, upstream: int, max_concurrent: int, max_
            "--usage-db", "none", "--users", os.path.join(work, "users.json"),
            "--max-concurrent", str(max_concurrent), "--max-queue", str(max_queue),
            "--upstream-check-interval", "0"]
-    server = Server(name, cmd, port, os.path.join(work, f"{name}.log"), cwd=work)
+    server = Server(name, cmd, port, os.path.join(work, f"{name}.log"), cwd=work, env=env)
     server.wait_up()
     return server
 

@@ -36,13 +36,13 @@ def _malloc_trim() -> Callable[[], Any]:
     return lambda: trim(0)
 
 
+_TRIM = _malloc_trim()
+
+
 def give_back() -> None:
     """A full collection, then the C heap trimmed where the C library can."""
     gc.collect()
     _TRIM()
-
-
-_TRIM = _malloc_trim()
 
 
 class AfterBurst:
