@@ -43,6 +43,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
+from twisted_gw.sendnow import send_now
+
 # A response head longer than this is refused (nginx's default large buffer is 8 KB x 4).
 MAX_HEAD = 64 * 1024
 # A chunk-size line (with extensions) or a trailer line longer than this is refused.
@@ -167,6 +169,7 @@ class Connection(Protocol):
         self._waiting = d
         assert self.transport is not None
         self.transport.write(data)
+        send_now(self.transport)
         return d
 
     def _cancel(self, d: Deferred[Response]) -> None:

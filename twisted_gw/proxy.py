@@ -47,6 +47,7 @@ from twisted_gw.keepalive import Keepalives
 from twisted_gw.memory import AfterBurst
 from twisted_gw.quota import Quotas
 from twisted_gw.routing import DOWN, LOADING, Route, model_ids, union_of_model_lists
+from twisted_gw.sendnow import send_now
 from twisted_gw.upstream import Upstream, stream_body
 
 log = Logger(namespace="llmgw.access")
@@ -243,8 +244,9 @@ class Proxy:
         self._stop_keepalive(ex)
         if ex.ticket is not None:
             ex.ticket.release()
-        # the books (totals, ledger, metrics, the access line) need not hold up the answer
-        after_flush(self.clock, self._finished, ex, ex.request)
+        # The books (totals, ledger, metrics, the access line) need not hold up the answer: they are kept on
+        # the reactor's next turn, once the handler has finished the answer and sent it (web._V1Call._end).
+        self.clock.callLater(0, self._finished, ex, ex.request)
 
     def _finished(self, ex: Exchange, request: Request) -> None:
         self.active.discard(ex)
@@ -613,12 +615,14 @@ class Proxy:
             nonlocal size
             if event_stream:
                 request.write(strip(data) if strip is not None else data)
+                send_now(request.transport)  # before the chunk is parsed for usage
                 for event in parser.feed(data):
                     ex.tracker.see_event(event)
                 if ex.first_token_at is None:
                     self._stamp_first_token(ex)
                 return
             request.write(data)
+            send_now(request.transport)
             if ex.first_token_at is None and ex.status < 400:
                 ex.first_token_at = self.clock.seconds()
             if size <= MAX_USAGE_BODY:
@@ -728,15 +732,6 @@ class Proxy:
 
 # The assembled answer has a length and type of its own.
 ASSEMBLED_DROP = HOP_BY_HOP | {b"content-type", b"content-length", b"cache-control", b"x-accel-buffering"}
-
-
-def after_flush(clock: IReactorTime, f: Callable[..., object], *args: Any) -> None:
-    """
-    Call C{f(*args)} once the reactor has sent what was written so far.
-    Twisted sends on the poll after a write, and a C{callLater(0)} runs just
-    before that poll: the call is put off twice.
-    """
-    clock.callLater(0, clock.callLater, 0, f, *args)
 
 
 class _Queued:
