@@ -70,13 +70,19 @@ class Ticket:
 
 @attrs.define(eq=False)
 class _Waiter:
+    """One request in the queue; also its Deferred's canceller (a closure would cost each waiter ~250 bytes)."""
+
+    admission: Admission
     entry: Entry
-    deferred: Deferred[Ticket]
     on_position: Optional[PositionCallback]
     model: Optional[str] = None
     exclude: frozenset[Route] = frozenset()
     deadline: float = 0.0
     position: int = 0
+    deferred: Deferred[Ticket] = attrs.field(init=False)
+
+    def __call__(self, deferred: Deferred[Ticket]) -> None:
+        self.admission._leave(self)
 
 
 class Admission:
@@ -176,8 +182,9 @@ class Admission:
             if max_queued is not None and self._scheduler.waiting_of(user) >= max_queued:
                 return fail(QueueFull(per_user=True))
         entry = self._scheduler.enqueue_first(user) if first else self._scheduler.enqueue(user, weight)
-        d: Deferred[Ticket] = Deferred(lambda _: self._leave(waiter))
-        waiter = _Waiter(entry, d, on_position, model, exclude, self.clock.seconds() + self.queue_timeout)
+        waiter = _Waiter(self, entry, on_position, model, exclude, self.clock.seconds() + self.queue_timeout)
+        d: Deferred[Ticket] = Deferred(waiter)
+        waiter.deferred = d
         self._waiters[entry] = waiter
         self._deadlines.append(waiter)
         if self._sweep is None:

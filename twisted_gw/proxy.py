@@ -365,7 +365,12 @@ class Proxy:
             ex.start_event_stream()
             ex.request.setHeader(b"X-Queue-Position", str(position).encode("ascii"))
             self.keepalives.add(ex, ex.write_keepalive)
-        ex.write(sse.queue_position_comment(position))
+            ex.write(sse.queue_position_comment(position))
+            # Sent with that first comment, the response headers are not read again: thousands of waiting
+            # streams need not keep them (about 1 KB each).
+            ex.request.responseHeaders = Headers()
+        else:
+            ex.write(sse.queue_position_comment(position))
         if self.queue_events == "data":
             ex.write(sse.queue_update_event(position))
 
