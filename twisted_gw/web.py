@@ -321,7 +321,7 @@ DEFAULT_MAX_BODY = 16 * 1024 * 1024
 # the table has no room for gets a dict of its own: about 1.5 KB more for every waiting client.  The table fills
 # in the order names are first set, by whichever requests come first (a /health probe sets names a waiting
 # stream never does), so these are set first, once, on a throwaway instance.
-_REQUEST_ATTRIBUTES = (
+REQUEST_ATTRIBUTES = (
     "notifications", "channel", "requestHeaders", "received_cookies", "responseHeaders", "cookies", "transport",
     "queued", "_parsePOSTFormSubmission", "_adapterCache", "content", "_received", "args", "method", "uri",
     "clientproto", "path", "client", "host", "site", "sitepath", "prepath", "postpath", "code", "code_message",
@@ -335,7 +335,7 @@ def _share_attribute_names(cls: type, names: tuple[str, ...]) -> None:
         object.__setattr__(primer, name, None)
 
 
-_share_attribute_names(GatewayRequest, _REQUEST_ATTRIBUTES)
+_share_attribute_names(GatewayRequest, REQUEST_ATTRIBUTES)
 
 
 class GatewayChannel(http.HTTPChannel):
