@@ -88,6 +88,20 @@ class UsageTests(SynchronousTestCase):
         tracker.see_event(b'{"usage": broken')
         self.assertEqual(tracker.usage, Usage(6, 2, "usage"))
 
+    def test_an_event_parsed_by_its_caller_counts_as_one_seen_raw(self) -> None:
+        events = [json.dumps(e).encode() for e in (
+            {"choices": [{"delta": {"role": "assistant", "content": "Hi"}}]},
+            {"choices": [{"delta": {"content": " there"}}]},
+            {"choices": [{"delta": {}, "finish_reason": "stop"}], "timings": {"prompt_n": 4, "predicted_n": 2}},
+            {"choices": [], "usage": {"prompt_tokens": 6, "completion_tokens": 2}},
+        )]
+        raw, parsed = UsageTracker(), UsageTracker()
+        for event in events:
+            raw.see_event(event)
+            parsed.see_parsed(event, json.loads(event))
+        self.assertEqual((parsed.content_chunks, parsed.usage), (2, Usage(6, 2, "usage")))
+        self.assertEqual((raw.content_chunks, raw.usage), (2, Usage(6, 2, "usage")))
+
     def test_body(self) -> None:
         tracker = UsageTracker()
         tracker.see_body(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 9}}')

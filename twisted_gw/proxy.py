@@ -570,13 +570,16 @@ class Proxy:
 
         def on_data(data: bytes) -> None:
             for event in parser.feed(data):
-                ex.tracker.see_event(event)
+                if event == b"[DONE]":
+                    continue
+                try:
+                    obj = json.loads(event)  # once, for both the usage and the answer
+                except ValueError:
+                    ex.tracker.see_event(event)
+                    continue
+                ex.tracker.see_parsed(event, obj)
                 self._stamp_first_token(ex)
-                if event != b"[DONE]":
-                    try:
-                        assembler.feed(json.loads(event))
-                    except ValueError:
-                        pass
+                assembler.feed(obj)
 
         await self._receive(ex, response, on_data, producer=False)
         body = assembler.body()

@@ -174,16 +174,25 @@ class UsageTracker:
                 self._from_timings = timings
 
     def see_event(self, data: bytes) -> None:
-        if (b'"content"' in data or b'"text"' in data) and _CONTENT.search(data):
-            self.content_chunks += 1
         # Parsing JSON costs more than relaying: only the chunks that can carry
         # numbers are parsed (llama.cpp puts them on the last one or two).
-        if b'"usage"' not in data and b'"timings"' not in data:
+        if not self._counted(data):
             return
         try:
             self.see_object(json.loads(data))
         except ValueError:
             pass
+
+    def see_parsed(self, data: bytes, obj: Any) -> None:
+        """L{see_event} for an event its caller has parsed already (C{obj}): not parsed twice."""
+        if self._counted(data):
+            self.see_object(obj)
+
+    def _counted(self, data: bytes) -> bool:
+        """Count a content chunk; whether the event may carry usage or timings."""
+        if (b'"content"' in data or b'"text"' in data) and _CONTENT.search(data):
+            self.content_chunks += 1
+        return b'"usage"' in data or b'"timings"' in data
 
     def see_body(self, body: bytes) -> None:
         try:
