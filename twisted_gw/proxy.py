@@ -361,16 +361,16 @@ class Proxy:
         return max(1, min(600, math.ceil(per_request * ahead / max(1, self.admission.limit))))
 
     def _queued(self, ex: Exchange, position: int) -> None:
-        if not ex.headers_sent:
+        first = not ex.headers_sent
+        if first:
             ex.start_event_stream()
             ex.request.setHeader(b"X-Queue-Position", str(position).encode("ascii"))
             self.keepalives.add(ex, ex.write_keepalive)
-            ex.write(sse.queue_position_comment(position))
+        ex.write(sse.queue_position_comment(position))
+        if first:
             # Sent with that first comment, the response headers are not read again: thousands of waiting
             # streams need not keep them (about 1 KB each).
             ex.request.responseHeaders = Headers()
-        else:
-            ex.write(sse.queue_position_comment(position))
         if self.queue_events == "data":
             ex.write(sse.queue_update_event(position))
 
@@ -617,20 +617,18 @@ class Proxy:
         size = 0 if request.method == b"POST" else MAX_USAGE_BODY + 1
         parser = sse.SSEParser()
         # The client did not ask for usage but the gateway did: take out what it added.
-        strip = sse.UsageStripper().feed if injected_usage else None
+        strip = sse.UsageStripper().feed if injected_usage and event_stream else None
 
         def on_data(data: bytes) -> None:
             nonlocal size
+            request.write(strip(data) if strip is not None else data)
+            send_now(request.transport)  # before the work below (a stream's chunk parsed for usage)
             if event_stream:
-                request.write(strip(data) if strip is not None else data)
-                send_now(request.transport)  # before the chunk is parsed for usage
                 for event in parser.feed(data):
                     ex.tracker.see_event(event)
                 if ex.first_token_at is None:
                     self._stamp_first_token(ex)
                 return
-            request.write(data)
-            send_now(request.transport)
             if ex.first_token_at is None and ex.status < 400:
                 ex.first_token_at = self.clock.seconds()
             if size <= MAX_USAGE_BODY:
