@@ -51,6 +51,26 @@ class AssemblerTests(SynchronousTestCase):
         }}])
         self.assertEqual(doc["usage"]["total_tokens"], 12)
 
+    def test_odd_chunks_are_skipped_not_raised(self) -> None:
+        assembler = Assembler(chat=True)
+        odd: list[object] = [
+            [1], "x", {"choices": 5}, {"choices": {"delta": "x"}}, {"choices": [7, {"delta": "text"}]},
+            {"choices": [{"index": "1", "delta": {"tool_calls": 3}}]},
+            {"choices": [{"delta": {"tool_calls": [{"index": None, "function": "f"}, {"index": [0]}]}}]},
+        ]
+        self.assertEqual([assembler.feed(chunk) for chunk in odd], [False] * len(odd))
+        self.assertTrue(assembler.feed({"choices": [{"delta": {"content": "ok"}}]}))
+        self.assertFalse(assembler.feed({"choices": [{"delta": {"content": ""}}]}))
+        message = json.loads(assembler.body())["choices"][0]["message"]
+        self.assertEqual((message["content"], len(message["tool_calls"])), ("ok", 2))
+
+    def test_completions_chunks(self) -> None:
+        assembler = Assembler(chat=False)
+        self.assertTrue(assembler.feed({"choices": [{"text": "a", "index": 0, "logprobs": None}]}))
+        self.assertFalse(assembler.feed({"choices": [{"text": "", "index": 0, "finish_reason": "length"}]}))
+        self.assertEqual(assembler.document()["choices"],
+                         [{"text": "a", "index": 0, "logprobs": None, "finish_reason": "length"}])
+
     def test_error_event(self) -> None:
         assembler = Assembler(chat=True)
         assembler.feed({"error": {"code": 500, "message": "boom", "type": "server_error"}})

@@ -8,7 +8,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_gw.sse import SSEParser, Usage, UsageTracker, comment, queue_position_comment, usage_from_object
+from twisted_gw.assemble import Assembler
+from twisted_gw.sse import (
+    NOT_JSON,
+    SSEParser,
+    Usage,
+    UsageTracker,
+    comment,
+    parse_event,
+    queue_position_comment,
+    usage_from_object,
+)
 
 payloads = st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]), max_size=40)
 
@@ -62,6 +72,32 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(SSEParser().feed(comment("x") + b"data: y\n\n"), [b"y"])
 
 
+class ParseEventTests(SynchronousTestCase):
+    @given(st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+        max_leaves=12,
+    ), st.sampled_from(["", " ", "\t", " \r\n"]))
+    def test_what_json_loads_reads(self, obj: object, space: str) -> None:
+        for text in (json.dumps(obj), json.dumps(obj, ensure_ascii=False, separators=(",", ":"))):
+            data = (space + text + space).encode("utf-8")
+            self.assertEqual(parse_event(data), json.loads(data))
+
+    @given(st.binary(max_size=60))
+    def test_not_json_where_json_loads_fails(self, data: bytes) -> None:
+        try:
+            expected = json.loads(data.decode("utf-8"))
+        except ValueError:
+            self.assertIs(parse_event(data), NOT_JSON)
+        else:
+            self.assertEqual(parse_event(data), expected)
+
+    def test_examples(self) -> None:
+        self.assertEqual(parse_event(b'{"a": [1, "\\u00e9"]}'), {"a": [1, "\u00e9"]})
+        for data in (b"", b" ", b"[DONE]", b'{"a": 1} x', b'{"a": 1}{}', b"\xff", b'{"a": 1', b"[" * 100_000):
+            self.assertIs(parse_event(data), NOT_JSON, data)
+
+
 class UsageTests(SynchronousTestCase):
     def test_usage_wins_over_timings(self) -> None:
         obj = {"usage": {"prompt_tokens": 10, "completion_tokens": 4},
@@ -88,17 +124,21 @@ class UsageTests(SynchronousTestCase):
         tracker.see_event(b'{"usage": broken')
         self.assertEqual(tracker.usage, Usage(6, 2, "usage"))
 
-    def test_an_event_parsed_by_its_caller_counts_as_one_seen_raw(self) -> None:
+    def test_a_chunk_parsed_and_assembled_by_its_caller_counts_as_one_seen_raw(self) -> None:
         events = [json.dumps(e).encode() for e in (
             {"choices": [{"delta": {"role": "assistant", "content": "Hi"}}]},
+            {"choices": [{"delta": {"content": ""}}]},
+            {"choices": [{"delta": {"reasoning_content": "hmm"}}]},
             {"choices": [{"delta": {"content": " there"}}]},
             {"choices": [{"delta": {}, "finish_reason": "stop"}], "timings": {"prompt_n": 4, "predicted_n": 2}},
             {"choices": [], "usage": {"prompt_tokens": 6, "completion_tokens": 2}},
         )]
         raw, parsed = UsageTracker(), UsageTracker()
+        assembler = Assembler(chat=True)
         for event in events:
             raw.see_event(event)
-            parsed.see_parsed(event, json.loads(event))
+            obj = parse_event(event)
+            parsed.see_chunk(obj, assembler.feed(obj))
         self.assertEqual((parsed.content_chunks, parsed.usage), (2, Usage(6, 2, "usage")))
         self.assertEqual((raw.content_chunks, raw.usage), (2, Usage(6, 2, "usage")))
 

@@ -33,6 +33,9 @@ def with_usage_requested(doc: dict[str, Any]) -> bytes:
     return json.dumps(upstream, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+_HEAD = ("created", "model", "system_fingerprint", "id")
+
+
 class _Choice:
     def __init__(self, index: int) -> None:
         self.index = index
@@ -56,58 +59,83 @@ class Assembler:
         self.timings: Optional[dict[str, Any]] = None
         self.error: Optional[dict[str, Any]] = None
 
-    def feed(self, chunk: Any) -> None:
+    def feed(self, chunk: Any) -> bool:
+        """Take one chunk in; whether it carried generated text (a token, for the estimate)."""
         if not isinstance(chunk, dict):
-            return
+            return False
         if isinstance(chunk.get("error"), dict):
             self.error = chunk["error"]
-            return
-        for key in ("created", "model", "system_fingerprint", "id"):
-            if key in chunk and key not in self.head:
-                self.head[key] = chunk[key]
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        if isinstance(chunk.get("timings"), dict):
-            self.timings = chunk["timings"]
-        for raw in chunk.get("choices") or ():
-            if isinstance(raw, dict):
-                self._feed_choice(raw)
+            return False
+        head = self.head
+        if len(head) < len(_HEAD):  # (every chunk repeats them; the first one that has each is kept)
+            for key in _HEAD:
+                if key in chunk and key not in head:
+                    head[key] = chunk[key]
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        timings = chunk.get("timings")
+        if isinstance(timings, dict):
+            self.timings = timings
+        text = False
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            for raw in choices:
+                if isinstance(raw, dict) and self._feed_choice(raw):
+                    text = True
+        return text
 
-    def _feed_choice(self, raw: dict[str, Any]) -> None:
-        index = raw.get("index", 0) if isinstance(raw.get("index", 0), int) else 0
-        choice = self.choices.setdefault(index, _Choice(index))
-        if raw.get("finish_reason") is not None:
-            choice.finish_reason = raw["finish_reason"]
+    def _feed_choice(self, raw: dict[str, Any]) -> bool:
+        index = raw.get("index", 0)
+        if not isinstance(index, int):
+            index = 0
+        choice = self.choices.get(index)
+        if choice is None:
+            choice = self.choices[index] = _Choice(index)
+        finish_reason = raw.get("finish_reason")
+        if finish_reason is not None:
+            choice.finish_reason = finish_reason
         if not self.chat:
-            if isinstance(raw.get("text"), str):
-                choice.text.append(raw["text"])
-                choice.saw_text = True
+            text = raw.get("text")
             if raw.get("logprobs") is not None:
                 choice.logprobs = raw["logprobs"]
-            return
+            if isinstance(text, str):
+                choice.text.append(text)
+                choice.saw_text = True
+                return bool(text)
+            return False
         delta = raw.get("delta") or {}
         if not isinstance(delta, dict):
-            return
-        if isinstance(delta.get("role"), str):
-            choice.role = delta["role"]
-        if isinstance(delta.get("content"), str):
-            choice.text.append(delta["content"])
+            return False
+        role = delta.get("role")
+        if isinstance(role, str):
+            choice.role = role
+        content = delta.get("content")
+        if isinstance(content, str):
+            choice.text.append(content)
             choice.saw_text = True
-        if isinstance(delta.get("reasoning_content"), str):
+        if "reasoning_content" in delta and isinstance(delta["reasoning_content"], str):
             choice.reasoning.append(delta["reasoning_content"])
-        for call in delta.get("tool_calls") or ():
-            if isinstance(call, dict):
-                self._feed_tool_call(choice, call)
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                if isinstance(call, dict):
+                    self._feed_tool_call(choice, call)
+        return isinstance(content, str) and bool(content)
 
     @staticmethod
     def _feed_tool_call(choice: _Choice, call: dict[str, Any]) -> None:
-        index = call.get("index", len(choice.tool_calls))
+        index = call.get("index")
+        if not isinstance(index, int):
+            index = len(choice.tool_calls)
         merged = choice.tool_calls.setdefault(index, {"type": "function", "function": {"name": "", "arguments": ""}})
         if call.get("id"):
             merged["id"] = call["id"]
         if call.get("type"):
             merged["type"] = call["type"]
-        function = call.get("function") or {}
+        function = call.get("function")
+        if not isinstance(function, dict):
+            return
         if isinstance(function.get("name"), str):
             merged["function"]["name"] += function["name"]
         if isinstance(function.get("arguments"), str):

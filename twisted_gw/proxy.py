@@ -568,18 +568,16 @@ class Proxy:
         """Read the upstream's stream whole, then answer with the JSON it stands for."""
         parser = sse.SSEParser()
 
+        tracker = ex.tracker
+
         def on_data(data: bytes) -> None:
             for event in parser.feed(data):
-                if event == b"[DONE]":
+                obj = sse.parse_event(event)  # once, for both the usage and the answer
+                if obj is sse.NOT_JSON:
+                    tracker.see_event(event)  # ([DONE], or whatever else it may count)
                     continue
-                try:
-                    obj = json.loads(event)  # once, for both the usage and the answer
-                except ValueError:
-                    ex.tracker.see_event(event)
-                    continue
-                ex.tracker.see_parsed(event, obj)
-                self._stamp_first_token(ex)
-                assembler.feed(obj)
+                tracker.see_chunk(obj, assembler.feed(obj))
+            self._stamp_first_token(ex)
 
         await self._receive(ex, response, on_data, producer=False)
         body = assembler.body()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any, Optional
 
 import attrs
@@ -46,6 +47,27 @@ class SSEParser:
                 if name == b"data":
                     self._data.append(value[1:] if value.startswith(b" ") else value)
         return events
+
+
+# json.loads' own scanner (C), called directly: for a small event, the checks and decoding that json.loads
+# wraps around it cost about as much as the parsing.
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_SPACE = " \t\n\r"
+NOT_JSON = object()
+
+
+def parse_event(data: bytes) -> Any:
+    """An event's data as JSON, as C{json.loads} reads UTF-8; L{NOT_JSON} when it is not."""
+    try:
+        text = data.decode("utf-8")
+        if text[:1] in _SPACE:
+            text = text.lstrip(_SPACE)
+        obj, end = _scan(text, 0)
+    except (ValueError, StopIteration, RecursionError):  # (UnicodeDecodeError and JSONDecodeError: ValueErrors)
+        return NOT_JSON
+    if end != len(text) and text[end:].strip(_SPACE):
+        return NOT_JSON
+    return obj
 
 
 def comment(text: str) -> bytes:
@@ -174,25 +196,23 @@ class UsageTracker:
                 self._from_timings = timings
 
     def see_event(self, data: bytes) -> None:
-        # Parsing JSON costs more than relaying: only the chunks that can carry
-        # numbers are parsed (llama.cpp puts them on the last one or two).
-        if not self._counted(data):
-            return
-        try:
-            self.see_object(json.loads(data))
-        except ValueError:
-            pass
-
-    def see_parsed(self, data: bytes, obj: Any) -> None:
-        """L{see_event} for an event its caller has parsed already (C{obj}): not parsed twice."""
-        if self._counted(data):
-            self.see_object(obj)
-
-    def _counted(self, data: bytes) -> bool:
-        """Count a content chunk; whether the event may carry usage or timings."""
+        """An event as relayed: counted, and parsed only if it can carry numbers."""
         if (b'"content"' in data or b'"text"' in data) and _CONTENT.search(data):
             self.content_chunks += 1
-        return b'"usage"' in data or b'"timings"' in data
+        # Parsing JSON costs more than relaying: only the chunks that can carry
+        # numbers are parsed (llama.cpp puts them on the last one or two).
+        if b'"usage"' not in data and b'"timings"' not in data:
+            return
+        obj = parse_event(data)
+        if obj is not NOT_JSON:
+            self.see_object(obj)
+
+    def see_chunk(self, obj: Any, text: bool) -> None:
+        """A chunk its caller has parsed already (C{obj}), and whether it carried generated text."""
+        if text:
+            self.content_chunks += 1
+        if isinstance(obj, dict) and ("usage" in obj or "timings" in obj):
+            self.see_object(obj)
 
     def see_body(self, body: bytes) -> None:
         try:
