@@ -18,6 +18,7 @@ setup(
         "service-identity>=24.1.0",
         "attrs>=23.1.0",
         "prometheus_client>=0.20.0",
+        "orjson>=3.9.0",
     ],
     entry_points={
         "console_scripts": [

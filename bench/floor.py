@@ -35,7 +35,6 @@ def relay(port: int, upstream: str) -> None:
     from twisted.internet import reactor
     from twisted.web import resource as web_resource
     from twisted.web import server
-    from twisted.web.http_headers import Headers
 
     from twisted_gw.upstream import Upstream, stream_body
 
@@ -46,7 +45,7 @@ def relay(port: int, upstream: str) -> None:
 
         def render(self, request: server.Request) -> object:
             body = request.content.read() if request.content is not None else b""
-            d = up.request(request.method, request.uri, Headers({b"content-type": [b"application/json"]}),
+            d = up.request(request.method, request.uri, [(b"Content-Type", [b"application/json"])],
                            body or None)
 
             def got(response: object) -> object:

@@ -49,12 +49,13 @@ class InspectBodyTests(SynchronousTestCase):
 
 class CheckUriTests(SynchronousTestCase):
     def test_accepted(self) -> None:
-        for uri in (b"/v1/models", b"/v1/chat/completions?x=1&y=%2F", b"/v1", b"/v1/models/gemma-3.gguf"):
+        for uri in (b"/v1/models", b"/v1/chat/completions?x=1&y=%2F", b"/v1", b"/v1/models/gemma-3.gguf",
+                    b"/v1/.well-known/x"):
             self.assertEqual(check_uri(uri), uri)
 
     def test_refused(self) -> None:
         for uri in (b"/v1/../health", b"/v1/./x", b"/v1/a%2fb", b"/v1/%2E%2E/x", b"/v1/a\\b", b"/v2/x",
-                    b"/health", b"/v1/\xff", b"/v1/a b"):
+                    b"/health", b"/v1/\xff", b"/v1/a b", b"/v1/x/..", b"/v1/\x7f", b"/v1/x?a=\x00"):
             with self.assertRaises(GatewayError, msg=uri):
                 check_uri(uri)
 
@@ -68,6 +69,7 @@ class CheckUriTests(SynchronousTestCase):
         else:
             path = uri.partition(b"?")[0]
             self.assertNotIn(b"..", path.split(b"/"))
+            self.assertTrue(all(0x21 <= c <= 0x7E for c in uri))
             self.assertNotIn(b"%2f", path.lower())
 
 

@@ -94,6 +94,9 @@ class ParseEventTests(SynchronousTestCase):
 
     def test_examples(self) -> None:
         self.assertEqual(parse_event(b'{"a": [1, "\\u00e9"]}'), {"a": [1, "\u00e9"]})
+        # what orjson refuses and json.loads takes
+        for data in (b'{"a": NaN}', b"[Infinity, -Infinity]", b"123456789012345678901234567890", b'"\\ud800"'):
+            self.assertEqual(repr(parse_event(data)), repr(json.loads(data)), data)
         for data in (b"", b" ", b"[DONE]", b'{"a": 1} x', b'{"a": 1}{}', b"\xff", b'{"a": 1', b"[" * 100_000):
             self.assertIs(parse_event(data), NOT_JSON, data)
 

@@ -8,6 +8,9 @@ from support import ALICE, GatewayTestCase, chat_body, reactor
 from twisted.internet import endpoints
 from twisted.internet.protocol import Factory, Protocol
 
+from twisted_gw.testing import FakeLlama
+from twisted_gw.upstream import Upstream, stream_body
+
 
 class KeepAliveThenDrop(Protocol):
     """
@@ -74,3 +77,20 @@ class StaleConnectionTests(GatewayTestCase):
         self.assertEqual(reply.code, 502)
         await reply.text()
         self.assertEqual(self.gw.gateway.upstream.retries, 0)
+
+
+class UpstreamKeyTests(GatewayTestCase):
+    async def test_the_upstream_key_replaces_any_authorization_and_the_callers_headers_are_left_alone(self) -> None:
+        fake = FakeLlama(reactor)
+        await fake.start()
+        self.addCleanup(fake.stop)
+        upstream = Upstream(reactor, fake.url, api_key="up-secret")
+        self.addCleanup(upstream.close)
+        headers = [(b"Authorization", [b"Bearer client"]), (b"X-A", [b"1"])]
+        for _ in range(2):  # (the second on the kept-alive connection)
+            response = await upstream.request(b"GET", b"/v1/models", headers, None)
+            await stream_body(response, lambda data: None).done
+            seen = fake.requests[-1].headers
+            self.assertEqual(seen.getRawHeaders(b"authorization"), [b"Bearer up-secret"])
+            self.assertEqual(seen.getRawHeaders(b"x-a"), [b"1"])
+        self.assertEqual(headers, [(b"Authorization", [b"Bearer client"]), (b"X-A", [b"1"])])

@@ -63,7 +63,8 @@ class Assembler:
         """Take one chunk in; whether it carried generated text (a token, for the estimate)."""
         if not isinstance(chunk, dict):
             return False
-        if isinstance(chunk.get("error"), dict):
+        # (membership tests first: most chunks carry none of these)
+        if "error" in chunk and isinstance(chunk["error"], dict):
             self.error = chunk["error"]
             return False
         head = self.head
@@ -71,57 +72,55 @@ class Assembler:
             for key in _HEAD:
                 if key in chunk and key not in head:
                     head[key] = chunk[key]
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
-        timings = chunk.get("timings")
-        if isinstance(timings, dict):
-            self.timings = timings
-        text = False
+        if "usage" in chunk and isinstance(chunk["usage"], dict):
+            self.usage = chunk["usage"]
+        if "timings" in chunk and isinstance(chunk["timings"], dict):
+            self.timings = chunk["timings"]
         choices = chunk.get("choices")
-        if isinstance(choices, list):
-            for raw in choices:
-                if isinstance(raw, dict) and self._feed_choice(raw):
-                    text = True
+        if not isinstance(choices, list):
+            return False
+        text = False
+        for raw in choices:
+            if isinstance(raw, dict) and self._feed_choice(raw):
+                text = True
         return text
 
     def _feed_choice(self, raw: dict[str, Any]) -> bool:
         index = raw.get("index", 0)
-        if not isinstance(index, int):
-            index = 0
-        choice = self.choices.get(index)
+        choice = self.choices.get(index) if isinstance(index, int) else None
         if choice is None:
-            choice = self.choices[index] = _Choice(index)
-        finish_reason = raw.get("finish_reason")
-        if finish_reason is not None:
-            choice.finish_reason = finish_reason
+            if not isinstance(index, int):
+                index = 0
+            choice = self.choices.get(index) or self.choices.setdefault(index, _Choice(index))
+        if raw.get("finish_reason") is not None:
+            choice.finish_reason = raw["finish_reason"]
         if not self.chat:
-            text = raw.get("text")
             if raw.get("logprobs") is not None:
                 choice.logprobs = raw["logprobs"]
+            text = raw.get("text")
             if isinstance(text, str):
                 choice.text.append(text)
                 choice.saw_text = True
-                return bool(text)
+                return text != ""
             return False
-        delta = raw.get("delta") or {}
+        delta = raw.get("delta")
         if not isinstance(delta, dict):
             return False
-        role = delta.get("role")
-        if isinstance(role, str):
-            choice.role = role
         content = delta.get("content")
         if isinstance(content, str):
             choice.text.append(content)
             choice.saw_text = True
+            if len(delta) == 1:  # the usual chunk: a token and nothing else
+                return content != ""
+        if "role" in delta and isinstance(delta["role"], str):
+            choice.role = delta["role"]
         if "reasoning_content" in delta and isinstance(delta["reasoning_content"], str):
             choice.reasoning.append(delta["reasoning_content"])
-        calls = delta.get("tool_calls")
-        if isinstance(calls, list):
-            for call in calls:
+        if "tool_calls" in delta and isinstance(delta["tool_calls"], list):
+            for call in delta["tool_calls"]:
                 if isinstance(call, dict):
                     self._feed_tool_call(choice, call)
-        return isinstance(content, str) and bool(content)
+        return isinstance(content, str) and content != ""
 
     @staticmethod
     def _feed_tool_call(choice: _Choice, call: dict[str, Any]) -> None:

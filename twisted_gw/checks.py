@@ -32,6 +32,8 @@ GATEWAY_USER_HEADER = b"X-Gateway-User"
 _ENCODED_SEPARATOR = re.compile(rb"%(2f|5c|2e)", re.IGNORECASE)
 
 
+_PRINTABLE = bytes(range(0x21, 0x7F))
+
 METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 
 
@@ -53,9 +55,9 @@ def check_uri(uri: bytes) -> bytes:
         raise GatewayError(404, "Unknown path; the API is under /v1/", "invalid_request_error", "not_found")
     if b"\\" in path or _ENCODED_SEPARATOR.search(path) or b"#" in path:
         raise bad_request("Encoded separators and dots are not allowed in the path", "invalid_path")
-    if any(segment in (b".", b"..") for segment in path.split(b"/")):
+    if b"/." in path and any(segment in (b".", b"..") for segment in path.split(b"/")):
         raise bad_request("Dot segments are not allowed in the path", "invalid_path")
-    if any(c < 0x21 or c > 0x7E for c in uri):
+    if uri.translate(None, _PRINTABLE):  # (what is left once the printable bytes are taken out)
         raise bad_request("The request URI must be printable ASCII", "invalid_path")
     return uri
 

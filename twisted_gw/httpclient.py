@@ -31,6 +31,7 @@ writes to the client, and chunk boundaries carry no meaning in HTTP.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, Optional, cast
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -53,6 +54,8 @@ MAX_LINE = 4096
 _IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_CLOSE, _DEAD = range(9)
 
 _HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
+# A whole chunk-size line of the usual form (the size, maybe extensions); any other is read line by line.
+_SIZE_LINE = re.compile(rb"[ \t]*([0-9a-fA-F]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SET_BY_CLIENT = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
 _WITH_BODY = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -308,18 +311,23 @@ class Connection(Protocol):
                 if not left:
                     state = _CHUNK_END
             elif state == _CHUNK_SIZE:
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    if size - pos > MAX_LINE:
-                        self._fail(ProtocolError("a chunk-size line is too long"))
+                line = _SIZE_LINE.match(buf, pos)  # (the usual line, in one step)
+                if line is not None:
+                    pos = line.end()
+                    left = int(line[1], 16)
+                else:
+                    eol = buf.find(b"\r\n", pos)
+                    if eol < 0:
+                        if size - pos > MAX_LINE:
+                            self._fail(ProtocolError("a chunk-size line is too long"))
+                            return
+                        break
+                    digits = buf[pos:eol].split(b";", 1)[0].strip(b" \t")
+                    if not _HEX.fullmatch(digits):
+                        self._fail(ProtocolError(f"a malformed chunk size: {buf[pos:eol][:40]!r}"))
                         return
-                    break
-                digits = buf[pos:eol].split(b";", 1)[0].strip(b" \t")
-                if not _HEX.fullmatch(digits):
-                    self._fail(ProtocolError(f"a malformed chunk size: {buf[pos:eol][:40]!r}"))
-                    return
-                pos = eol + 2
-                left = int(digits, 16)
+                    pos = eol + 2
+                    left = int(digits, 16)
                 end = pos + left
                 if left and end + 2 <= size and buf[end:end + 2] == b"\r\n":
                     # the usual case, a whole chunk in what was read: taken in one step
@@ -511,10 +519,14 @@ class ConnectionPool:
         return gatherResults([c.close() for c in idle]).addCallback(lambda _: None)
 
 
-def request_bytes(method: bytes, target: bytes, host: bytes, headers: Headers, body: Optional[bytes]) -> bytes:
+# A request's header fields, in order: (name, values) pairs.
+RawHeaders = Sequence[tuple[bytes, Sequence[bytes]]]
+
+
+def request_bytes(method: bytes, target: bytes, host: bytes, headers: RawHeaders, body: Optional[bytes]) -> bytes:
     """A request as sent: the client's own Host, length and connection headers replace any given."""
     parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    for name, values in headers.getAllRawHeaders():
+    for name, values in headers:
         if name.lower() in _SET_BY_CLIENT:
             continue
         for value in values:
@@ -527,7 +539,7 @@ def request_bytes(method: bytes, target: bytes, host: bytes, headers: Headers, b
     return b"".join(parts)
 
 
-def send(pool: ConnectionPool, method: bytes, target: bytes, host: bytes, headers: Headers,
+def send(pool: ConnectionPool, method: bytes, target: bytes, host: bytes, headers: RawHeaders,
          body: Optional[bytes]) -> Deferred[Response]:
     """Send a request on a connection from C{pool}; cancellable while connecting and until its head arrives."""
     data = request_bytes(method, target, host, headers, body)

@@ -43,6 +43,7 @@ from twisted_gw.checks import (
     inspect_body,
 )
 from twisted_gw.errors import GatewayError, bad_gateway, error_document, gateway_timeout, unavailable
+from twisted_gw.httpclient import RawHeaders
 from twisted_gw.keepalive import Keepalives
 from twisted_gw.memory import AfterBurst
 from twisted_gw.quota import Quotas
@@ -378,16 +379,16 @@ class Proxy:
         self.keepalives.discard(ex)
 
     @staticmethod
-    def _upstream_headers(request: Request, user: str) -> Headers:
+    def _upstream_headers(request: Request, user: str) -> RawHeaders:
+        """The client's headers to send on (X-Gateway-User is in REQUEST_DROP: only the gateway sets it)."""
         incoming = request.requestHeaders
         kept = forward_headers(
             incoming.getAllRawHeaders(),
             incoming.getRawHeaders(b"connection", []),
             REQUEST_DROP,
         )
-        headers = Headers(dict(kept))
-        headers.setRawHeaders(GATEWAY_USER_HEADER, [user.encode("utf-8")])
-        return headers
+        kept.append((GATEWAY_USER_HEADER, [user.encode("utf-8")]))
+        return kept
 
     async def _assembly_for(self, ex: Exchange, upstream: Upstream, uri: bytes, info: BodyInfo) -> Optional[Assembler]:
         """An assembler if this non-streaming generation is to be sent upstream as a stream."""
@@ -454,7 +455,7 @@ class Proxy:
             await self._relay(ex, response, injected_usage)
 
     async def _send(
-        self, ex: Exchange, upstream: Upstream, uri: bytes, body: bytes, info: BodyInfo, headers: Headers
+        self, ex: Exchange, upstream: Upstream, uri: bytes, body: bytes, info: BodyInfo, headers: RawHeaders
     ) -> tuple[IResponse, Optional[Assembler], bool]:
         """The upstream's response (headers); L{_Unreachable} when it could not be had."""
         assembler = await self._assembly_for(ex, upstream, uri, info)
@@ -466,7 +467,7 @@ class Proxy:
             injected_usage = True
         timer = self.clock.callLater(self.upstream_timeout, self._timed_out, ex, "upstream_timeout")
         try:
-            response = await ex.wait(upstream.request(ex.request.method, uri, headers.copy(), body or None))
+            response = await ex.wait(upstream.request(ex.request.method, uri, headers, body or None))
         except (CancelledError, GatewayError):
             raise
         except Exception as e:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import attrs
+import orjson
 
 
 class SSEParser:
@@ -37,27 +38,45 @@ class SSEParser:
         lines = text.split(b"\n")
         self._partial = lines.pop()
         events: list[bytes] = []
+        data = self._data
         for line in lines:
             if not line:
-                if self._data:
-                    events.append(b"\n".join(self._data))
-                    self._data = []
+                if data:
+                    events.append(data[0] if len(data) == 1 else b"\n".join(data))
+                    data = []
+            elif line.startswith(b"data: "):  # (the usual form, taken in one step)
+                data.append(line[6:])
             elif line.startswith(b"data"):
                 name, _, value = line.partition(b":")
                 if name == b"data":
-                    self._data.append(value[1:] if value.startswith(b" ") else value)
+                    data.append(value[1:] if value.startswith(b" ") else value)
+        self._data = data
         return events
 
 
-# json.loads' own scanner (C), called directly: for a small event, the checks and decoding that json.loads
-# wraps around it cost about as much as the parsing.
+# The standard library's own scanner (C), called directly: for a small event, the checks and decoding that
+# json.loads wraps around it cost about as much as the parsing.
 _scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 _SPACE = " \t\n\r"
+# (bytes.translate and a substring search: a regular expression takes ten times as long)
+_DIGITS_ONLY = bytes(b"0"[0] if chr(i).isdigit() and i < 128 else b" "[0] for i in range(256))
+_LONG_NUMBER = b"0" * 19
 NOT_JSON = object()
 
 
 def parse_event(data: bytes) -> Any:
-    """An event's data as JSON, as C{json.loads} reads UTF-8; L{NOT_JSON} when it is not."""
+    """
+    An event's data as JSON, exactly as C{json.loads} reads UTF-8; L{NOT_JSON}
+    when it is not.  orjson reads it (in a third of the time) unless it has a
+    number orjson would read as a float (19 digits or more); what orjson
+    refuses and the standard library takes (NaN, lone surrogates) is read by
+    the standard library's scanner.
+    """
+    if _LONG_NUMBER not in data.translate(_DIGITS_ONLY):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
     try:
         text = data.decode("utf-8")
         if text[:1] in _SPACE:

@@ -35,10 +35,9 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from twisted_gw.httpclient import ConnectionPool, send
+from twisted_gw.httpclient import ConnectionPool, RawHeaders, send
 from twisted_gw.routing import DOWN, LOADING, OK, Route, model_ids
 from twisted_gw.tls import certificates_from_pem
 
@@ -108,6 +107,9 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.route = Route(self.base_url, slots=slots)
         self.api_key = api_key
+        self._authorization: Optional[tuple[bytes, list[bytes]]] = (
+            (b"Authorization", [b"Bearer " + api_key.encode("utf-8")]) if api_key else None
+        )
         uri = URI.fromBytes(self.base_url.encode("ascii"))
         self._prefix = uri.path
         self._host = _host_value(uri)
@@ -125,18 +127,19 @@ class Upstream:
         return self.base_url.encode("ascii") + uri
 
     def request(
-        self, method: bytes, uri: bytes, headers: Headers, body: Optional[bytes]
+        self, method: bytes, uri: bytes, headers: RawHeaders, body: Optional[bytes]
     ) -> Deferred[IResponse]:
         """
-        Send a request; fires with the response once its headers arrived.
-        Cancellable.  A request that failed on a reused keep-alive connection
-        without any answer is sent once more on a new one: POSTs included,
-        which Twisted's pool never retries itself.
+        Send a request (C{headers}: name and values pairs, left as they are);
+        fires with the response once its headers arrived.  Cancellable.  A
+        request that failed on a reused keep-alive connection without any
+        answer is sent once more on a new one: POSTs included, which Twisted's
+        pool never retries itself.
         """
         target = self._prefix + uri
-        if self.api_key:
+        if self._authorization is not None:
             # the upstream's own key (llama.cpp --api-key); never the client's
-            headers.setRawHeaders(b"Authorization", [b"Bearer " + self.api_key.encode("utf-8")])
+            headers = [*(h for h in headers if h[0].lower() != b"authorization"), self._authorization]
         d = send(self.pool, method, target, self._host, headers, body)
         reused = self.pool.reused
 
@@ -155,7 +158,7 @@ class Upstream:
         return d.addTimeout(timeout, cast(IReactorTime, self.reactor))
 
     async def _get_json(self, uri: bytes) -> tuple[int, Any]:
-        response = await self.request(b"GET", uri, Headers(), None)
+        response = await self.request(b"GET", uri, (), None)
         chunks: list[bytes] = []
         await stream_body(response, chunks.append).done
         try:
