@@ -57,6 +57,9 @@ _HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
 # A whole chunk-size line of the usual form (the size, maybe extensions); any other is read line by line.
 _SIZE_LINE = re.compile(rb"[ \t]*([0-9a-fA-F]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# How every complete body ends (one instance, as twisted.internet.main.connectionDone is).
+_DONE = Failure(ResponseDone())
+
 _SET_BY_CLIENT = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
 _WITH_BODY = frozenset({b"POST", b"PUT", b"PATCH"})
 
@@ -380,7 +383,7 @@ class Connection(Protocol):
             self._state = _DEAD
             if self.transport is not None:
                 self.transport.loseConnection()
-        response._finish(Failure(ResponseDone()))
+        response._finish(_DONE)
 
     def _fail(self, error: Exception) -> None:
         """The response cannot be read: give up on it and on the connection."""
@@ -389,7 +392,7 @@ class Connection(Protocol):
         self.abort()
         self._end(state, Failure(error), None)
 
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         self.connected = 0
         if self._pool is not None:
             self._pool.lost(self)

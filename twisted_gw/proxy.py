@@ -573,9 +573,11 @@ class Proxy:
 
         def on_data(data: bytes) -> None:
             for event in parser.feed(data):
+                if event == b"[DONE]":
+                    continue
                 obj = sse.parse_event(event)  # once, for both the usage and the answer
                 if obj is sse.NOT_JSON:
-                    tracker.see_event(event)  # ([DONE], or whatever else it may count)
+                    tracker.see_event(event)  # (whatever it may count)
                     continue
                 tracker.see_chunk(obj, assembler.feed(obj))
             self._stamp_first_token(ex)

@@ -253,7 +253,7 @@ class BodyRelay(Protocol):
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # (Failure.check builds names)
             self.done.callback(None)
         else:
             self.done.errback(reason)
