@@ -127,7 +127,7 @@ class UsageTests(SynchronousTestCase):
         tracker.see_event(b'{"usage": broken')
         self.assertEqual(tracker.usage, Usage(6, 2, "usage"))
 
-    def test_a_chunk_parsed_and_assembled_by_its_caller_counts_as_one_seen_raw(self) -> None:
+    def test_what_the_assembler_read_counts_as_the_events_seen_raw(self) -> None:
         events = [json.dumps(e).encode() for e in (
             {"choices": [{"delta": {"role": "assistant", "content": "Hi"}}]},
             {"choices": [{"delta": {"content": ""}}]},
@@ -136,14 +136,19 @@ class UsageTests(SynchronousTestCase):
             {"choices": [{"delta": {}, "finish_reason": "stop"}], "timings": {"prompt_n": 4, "predicted_n": 2}},
             {"choices": [], "usage": {"prompt_tokens": 6, "completion_tokens": 2}},
         )]
-        raw, parsed = UsageTracker(), UsageTracker()
+        raw, assembled = UsageTracker(), UsageTracker()
         assembler = Assembler(chat=True)
         for event in events:
             raw.see_event(event)
-            obj = parse_event(event)
-            parsed.see_chunk(obj, assembler.feed(obj))
-        self.assertEqual((parsed.content_chunks, parsed.usage), (2, Usage(6, 2, "usage")))
+            assembler.feed(parse_event(event))
+        # as the proxy hands it over (twisted_gw/proxy.py, Proxy._assemble)
+        assembled.content_chunks += assembler.tokens
+        assembled.see_object({"usage": assembler.usage, "timings": assembler.timings})
         self.assertEqual((raw.content_chunks, raw.usage), (2, Usage(6, 2, "usage")))
+        self.assertEqual((assembled.content_chunks, assembled.usage), (2, Usage(6, 2, "usage")))
+        timings_only = UsageTracker()
+        timings_only.see_object({"usage": None, "timings": assembler.timings})
+        self.assertEqual(timings_only.usage, Usage(4, 2, "timings"))
 
     def test_body(self) -> None:
         tracker = UsageTracker()

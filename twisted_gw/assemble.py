@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+import orjson
+
 ASSEMBLED_PATHS = {b"/v1/chat/completions": True, b"/v1/completions": False}
 
 
@@ -58,9 +60,10 @@ class Assembler:
         self.usage: Optional[dict[str, Any]] = None
         self.timings: Optional[dict[str, Any]] = None
         self.error: Optional[dict[str, Any]] = None
+        self.tokens = 0  # chunks that carried generated text (a token each, for an estimate)
 
     def feed(self, chunk: Any) -> bool:
-        """Take one chunk in; whether it carried generated text (a token, for the estimate)."""
+        """Take one chunk in; whether it carried generated text (counted in L{tokens})."""
         if not isinstance(chunk, dict):
             return False
         # (membership tests first: most chunks carry none of these)
@@ -83,6 +86,8 @@ class Assembler:
         for raw in choices:
             if isinstance(raw, dict) and self._feed_choice(raw):
                 text = True
+        if text:
+            self.tokens += 1
         return text
 
     def _feed_choice(self, raw: dict[str, Any]) -> bool:
@@ -171,5 +176,37 @@ class Assembler:
 
     def body(self) -> bytes:
         """The answer as llama.cpp serialises it: compact, UTF-8 as is."""
-        obj: dict[str, Any] = {"error": self.error} if self.error is not None else self.document()
+        return compact_json({"error": self.error} if self.error is not None else self.document())
+
+
+# every digit as 0, every other byte as it is
+_DIGITS_AS_ZERO = bytes(b"0"[0] if 0x30 <= i <= 0x39 else i for i in range(256))
+
+
+def compact_json(obj: Any) -> bytes:
+    """
+    C{json.dumps(obj, ensure_ascii=False, separators=(",", ":"))} in UTF-8,
+    by orjson (a tenth of the time) where that gives the same bytes.  It
+    does not for numbers under 1e-4 (orjson writes 1.5e-7 and 0.000015, the
+    standard library 1.5e-07 and 1.5e-05), nor for what orjson refuses
+    (integers past 64 bits, lone surrogates, keys that are not strings): the
+    standard library writes those, escaping every non-ASCII character when
+    a lone surrogate cannot be UTF-8.  NaN and infinities, which no JSON
+    parser gives and the standard library writes as NaN (not JSON), orjson
+    writes as null.
+    """
+    try:
+        out = orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return _standard(obj)
+    shape = out.translate(_DIGITS_AS_ZERO)  # (a string with such digits in it is also written by the library)
+    if b"0e-" in shape or b"0.0000" in shape:
+        return _standard(obj)
+    return out
+
+
+def _standard(obj: Any) -> bytes:
+    try:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")

@@ -569,20 +569,24 @@ class Proxy:
         """Read the upstream's stream whole, then answer with the JSON it stands for."""
         parser = sse.SSEParser()
 
-        tracker = ex.tracker
-
         def on_data(data: bytes) -> None:
             for event in parser.feed(data):
                 if event == b"[DONE]":
                     continue
-                obj = sse.parse_event(event)  # once, for both the usage and the answer
+                obj = sse.parse_event(event)  # once, for both the answer and its usage
                 if obj is sse.NOT_JSON:
-                    tracker.see_event(event)  # (whatever it may count)
-                    continue
-                tracker.see_chunk(obj, assembler.feed(obj))
-            self._stamp_first_token(ex)
+                    ex.tracker.see_event(event)  # (whatever it may count)
+                else:
+                    assembler.feed(obj)
+            if ex.first_token_at is None and (assembler.tokens or ex.tracker.content_chunks):
+                ex.first_token_at = self.clock.seconds()
 
-        await self._receive(ex, response, on_data, producer=False)
+        try:
+            await self._receive(ex, response, on_data, producer=False)
+        finally:
+            # what the assembler took in counts as if seen event by event (also when the stream broke off)
+            ex.tracker.content_chunks += assembler.tokens
+            ex.tracker.see_object({"usage": assembler.usage, "timings": assembler.timings})
         body = assembler.body()
         status = 200
         if assembler.error is not None:

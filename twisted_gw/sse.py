@@ -226,13 +226,6 @@ class UsageTracker:
         if obj is not NOT_JSON:
             self.see_object(obj)
 
-    def see_chunk(self, obj: Any, text: bool) -> None:
-        """A chunk its caller has parsed already (C{obj}), and whether it carried generated text."""
-        if text:
-            self.content_chunks += 1
-        if isinstance(obj, dict) and ("usage" in obj or "timings" in obj):
-            self.see_object(obj)
-
     def see_body(self, body: bytes) -> None:
         try:
             self.see_object(json.loads(body))
