@@ -44,7 +44,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from twisted_gw.sendnow import send_now
+from twisted_gw.sendnow import write_now
 
 # A response head longer than this is refused (nginx's default large buffer is 8 KB x 4).
 MAX_HEAD = 64 * 1024
@@ -174,8 +174,7 @@ class Connection(Protocol):
         d: Deferred[Response] = Deferred(self._cancel)
         self._waiting = d
         assert self.transport is not None
-        self.transport.write(data)
-        send_now(self.transport)
+        write_now(self.transport, data)
         return d
 
     def _cancel(self, d: Deferred[Response]) -> None:

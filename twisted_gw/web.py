@@ -9,7 +9,7 @@ import hmac
 import importlib.resources
 import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from typing import Any, Optional
 
@@ -20,12 +20,13 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from twisted_gw.errors import GatewayError, error_json, unauthorized
 from twisted_gw.proxy import Proxy, log_refused
-from twisted_gw.sendnow import send_now
+from twisted_gw.sendnow import send_now, write_now
 
 log = Logger(namespace="llmgw.web")
 
@@ -300,6 +301,11 @@ class GatewayRequest(server.Request):
         if not self._refused:
             super().requestReceived(command, path, version)
 
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if not data and isinstance(self.channel, GatewayChannel):
+            self.channel.flush_headers()  # headers written without a body: they go out now
+
     def _refuse(self) -> None:
         self._refused = True
         body = error_json(
@@ -348,6 +354,46 @@ class GatewayChannel(http.HTTPChannel):
         if self._host is None:
             self._host = super().getHost()
         return self._host
+
+    # A response's writes go to the socket at once (twisted_gw/sendnow.py).  Its headers are held for the
+    # bytes that follow them in the same Request.write, and sent with them in one send (GatewayRequest.write
+    # sends them alone when no bytes follow); nothing is held from one call to the next.
+    _held = b""
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):  # (a form Twisted itself never passes)
+            self.flush_headers()
+            super().writeHeaders(version, code, reason, headers)
+            return
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self._held = b"".join(parts)
+
+    def flush_headers(self) -> None:
+        """Send the headers held, if any."""
+        if self._held:
+            held = self._held
+            del self._held
+            write_now(self.transport, held)
+
+    def write(self, data: bytes) -> None:
+        if self._held:
+            data = self._held + data
+            del self._held
+        write_now(self.transport, data)
+
+    def writeSequence(self, iovec: Sequence[bytes]) -> None:
+        if self._held:
+            iovec = [self._held, *iovec]
+            del self._held
+        write_now(self.transport, b"".join(iovec))
+
+    def requestDone(self, request: http.Request) -> None:
+        self.flush_headers()  # (a HEAD or 204 answer, which writes no body)
+        super().requestDone(request)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         body = error_json(
