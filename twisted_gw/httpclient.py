@@ -472,6 +472,16 @@ class ConnectionPool:
 
     def connection(self) -> Deferred[Connection]:
         """A connection ready for a request: an idle one, else a new one."""
+        connection = self.idle_connection()
+        return succeed(connection) if connection is not None else self.connect()
+
+    def connect(self) -> Deferred[Connection]:
+        """A new connection."""
+        self.reused = False
+        return cast("Deferred[Connection]", self._endpoint.connect(self._factory))
+
+    def idle_connection(self) -> Optional[Connection]:
+        """An idle connection ready for a request (the newest), or None."""
         idle = self._idle
         if idle:
             now = self._clock.seconds()
@@ -479,10 +489,9 @@ class ConnectionPool:
                 connection = idle.pop()
                 if now - connection.idle_since < self.idle_timeout:
                     self.reused = True
-                    return succeed(connection)
+                    return connection
                 connection.close()
-        self.reused = False
-        return cast("Deferred[Connection]", self._endpoint.connect(self._factory))
+        return None
 
     def release(self, connection: Connection) -> None:
         """A connection whose response was read whole: idle now."""
@@ -546,4 +555,7 @@ def send(pool: ConnectionPool, method: bytes, target: bytes, host: bytes, header
     """Send a request on a connection from C{pool}; cancellable while connecting and until its head arrives."""
     data = request_bytes(method, target, host, headers, body)
     head_only = method == b"HEAD"
-    return pool.connection().addCallback(lambda connection: connection.request(data, head_only))
+    idle = pool.idle_connection()
+    if idle is not None:  # (the usual case: no Deferred to wait on)
+        return idle.request(data, head_only)
+    return pool.connect().addCallback(lambda connection: connection.request(data, head_only))

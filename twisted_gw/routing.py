@@ -119,8 +119,8 @@ class Router:
         return self.take_turn(self._rotate(pool, lambda r: 0))
 
     def _rotate(self, pool: list[Route], rank: Any) -> Optional[Route]:
-        if not pool:
-            return None
+        if len(pool) <= 1:
+            return pool[0] if pool else None
         n = len(self.routes)
         return min(pool, key=lambda r: (rank(r), (self.routes.index(r) - self._turn) % n))
 
