@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import re
 
-from hypothesis import given
-from hypothesis import strategies as st
 from support import GatewayTestCase, chat_body, reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_gw.assemble import Assembler, as_stream_request, compact_json
+from twisted_gw.assemble import Assembler, as_stream_request
 from twisted_gw.testing import FakeLlama
 
 
@@ -161,24 +159,3 @@ class AssembledResponseTests(GatewayTestCase):
         self.assertEqual(reply.code, 502)
         self.assertEqual((await reply.json())["error"]["code"], "upstream_disconnected")
 
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(alphabet=st.characters(blacklist_categories=["Cs"])),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
-    max_leaves=16,
-)
-
-
-class CompactJsonTests(SynchronousTestCase):
-    @given(json_values)
-    def test_the_standard_librarys_bytes(self, obj: object) -> None:
-        self.assertEqual(compact_json(obj), json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode())
-
-    def test_examples(self) -> None:
-        for obj in ({"a": [1.5e-07, 1.5e-05, 0.0001, 1e16, -0.0, 2**64 - 1, 2**64]}, "\x00\x1f\x7f\u2028 é",
-                    {1: "int key"}, [1e-300, 1e300, 0.1, 3000.0]):
-            self.assertEqual(compact_json(obj), json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode())
-        self.assertEqual(compact_json([float("nan")]), b"[null]")
-        # a lone surrogate (json.loads reads "\ud800") has no UTF-8: escaped, as every non-ASCII character then
-        self.assertEqual(compact_json(["\ud800", "é"]), b'["\\ud800","\\u00e9"]')

@@ -12,7 +12,7 @@ from twisted_gw.checks import BodyInfo, check_uri, forward_headers, inspect_body
 from twisted_gw.errors import GatewayError
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=20,
 )
@@ -42,6 +42,21 @@ class InspectBodyTests(SynchronousTestCase):
             self.assertIn(e.code, ("invalid_json", "invalid_encoding", "invalid_type"))
         else:
             self.assertIsInstance(info, BodyInfo)
+
+    def test_nan_and_infinity_are_not_json(self) -> None:
+        for body in (b'{"temperature": NaN}', b'{"a": [Infinity]}', b'{"a": -Infinity}'):
+            with self.assertRaises(GatewayError) as raised:
+                inspect_body(body, b"application/json")
+            self.assertEqual((raised.exception.status, raised.exception.code), (400, "invalid_json"))
+            self.assertIn("is not JSON", str(raised.exception))
+        self.assertEqual(inspect_body(b'{"a": "NaN"}', None).document, {"a": "NaN"})
+
+    def test_the_error_says_why(self) -> None:
+        for body, code, words in ((b'{"a": 1', "invalid_json", "Expecting"), (b"\xff{}", "invalid_encoding", "UTF-8")):
+            with self.assertRaises(GatewayError) as raised:
+                inspect_body(body, b"application/json")
+            self.assertEqual(raised.exception.code, code)
+            self.assertIn(words, str(raised.exception))
 
     def test_non_json_content_passes_untouched(self) -> None:
         self.assertEqual(inspect_body(b"--boundary\r\n", b"multipart/form-data; boundary=x"), BodyInfo())

@@ -9,16 +9,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_gw.assemble import Assembler
-from twisted_gw.sse import (
-    NOT_JSON,
-    SSEParser,
-    Usage,
-    UsageTracker,
-    comment,
-    parse_event,
-    queue_position_comment,
-    usage_from_object,
-)
+from twisted_gw.fastjson import loads
+from twisted_gw.sse import SSEParser, Usage, UsageTracker, comment, queue_position_comment, usage_from_object
 
 payloads = st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]), max_size=40)
 
@@ -72,35 +64,6 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(SSEParser().feed(comment("x") + b"data: y\n\n"), [b"y"])
 
 
-class ParseEventTests(SynchronousTestCase):
-    @given(st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
-        max_leaves=12,
-    ), st.sampled_from(["", " ", "\t", " \r\n"]))
-    def test_what_json_loads_reads(self, obj: object, space: str) -> None:
-        for text in (json.dumps(obj), json.dumps(obj, ensure_ascii=False, separators=(",", ":"))):
-            data = (space + text + space).encode("utf-8")
-            self.assertEqual(parse_event(data), json.loads(data))
-
-    @given(st.binary(max_size=60))
-    def test_not_json_where_json_loads_fails(self, data: bytes) -> None:
-        try:
-            expected = json.loads(data.decode("utf-8"))
-        except ValueError:
-            self.assertIs(parse_event(data), NOT_JSON)
-        else:
-            self.assertEqual(parse_event(data), expected)
-
-    def test_examples(self) -> None:
-        self.assertEqual(parse_event(b'{"a": [1, "\\u00e9"]}'), {"a": [1, "\u00e9"]})
-        # what orjson refuses and json.loads takes
-        for data in (b'{"a": NaN}', b"[Infinity, -Infinity]", b"123456789012345678901234567890", b'"\\ud800"'):
-            self.assertEqual(repr(parse_event(data)), repr(json.loads(data)), data)
-        for data in (b"", b" ", b"[DONE]", b'{"a": 1} x', b'{"a": 1}{}', b"\xff", b'{"a": 1', b"[" * 100_000):
-            self.assertIs(parse_event(data), NOT_JSON, data)
-
-
 class UsageTests(SynchronousTestCase):
     def test_usage_wins_over_timings(self) -> None:
         obj = {"usage": {"prompt_tokens": 10, "completion_tokens": 4},
@@ -140,7 +103,7 @@ class UsageTests(SynchronousTestCase):
         assembler = Assembler(chat=True)
         for event in events:
             raw.see_event(event)
-            assembler.feed(parse_event(event))
+            assembler.feed(loads(event))
         # as the proxy hands it over (twisted_gw/proxy.py, Proxy._assemble)
         assembled.content_chunks += assembler.tokens
         assembled.see_object({"usage": assembler.usage, "timings": assembler.timings})

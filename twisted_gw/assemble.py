@@ -10,10 +10,9 @@ C{system_fingerprint}, C{object}, C{usage}, C{id}, C{timings}.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
-import orjson
+from twisted_gw import fastjson
 
 ASSEMBLED_PATHS = {b"/v1/chat/completions": True, b"/v1/completions": False}
 
@@ -23,7 +22,7 @@ def as_stream_request(doc: dict[str, Any]) -> bytes:
     upstream = dict(doc)
     upstream["stream"] = True
     upstream["stream_options"] = {"include_usage": True}
-    return json.dumps(upstream, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return fastjson.dumps(upstream)
 
 
 def with_usage_requested(doc: dict[str, Any]) -> bytes:
@@ -32,7 +31,7 @@ def with_usage_requested(doc: dict[str, Any]) -> bytes:
     options = dict(doc["stream_options"]) if isinstance(doc.get("stream_options"), dict) else {}
     options["include_usage"] = True
     upstream["stream_options"] = options
-    return json.dumps(upstream, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return fastjson.dumps(upstream)
 
 
 _HEAD = ("created", "model", "system_fingerprint", "id")
@@ -176,37 +175,5 @@ class Assembler:
 
     def body(self) -> bytes:
         """The answer as llama.cpp serialises it: compact, UTF-8 as is."""
-        return compact_json({"error": self.error} if self.error is not None else self.document())
+        return fastjson.dumps({"error": self.error} if self.error is not None else self.document())
 
-
-# every digit as 0, every other byte as it is
-_DIGITS_AS_ZERO = bytes(b"0"[0] if 0x30 <= i <= 0x39 else i for i in range(256))
-
-
-def compact_json(obj: Any) -> bytes:
-    """
-    C{json.dumps(obj, ensure_ascii=False, separators=(",", ":"))} in UTF-8,
-    by orjson (a tenth of the time) where that gives the same bytes.  It
-    does not for numbers under 1e-4 (orjson writes 1.5e-7 and 0.000015, the
-    standard library 1.5e-07 and 1.5e-05), nor for what orjson refuses
-    (integers past 64 bits, lone surrogates, keys that are not strings): the
-    standard library writes those, escaping every non-ASCII character when
-    a lone surrogate cannot be UTF-8.  NaN and infinities, which no JSON
-    parser gives and the standard library writes as NaN (not JSON), orjson
-    writes as null.
-    """
-    try:
-        out = orjson.dumps(obj)
-    except orjson.JSONEncodeError:
-        return _standard(obj)
-    shape = out.translate(_DIGITS_AS_ZERO)  # (a string with such digits in it is also written by the library)
-    if b"0e-" in shape or b"0.0000" in shape:
-        return _standard(obj)
-    return out
-
-
-def _standard(obj: Any) -> bytes:
-    try:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(obj, separators=(",", ":")).encode("ascii")

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import attrs
 
+from twisted_gw import fastjson
 from twisted_gw.errors import GatewayError, bad_request
 
 # RFC 9110 7.6.1 and the older proxy ones still seen in the wild.
@@ -98,7 +99,7 @@ class BodyInfo:
         """The document again, parsed from C{body} (the text it came from), if it was shed."""
         if not self.shed_document:
             return self
-        return attrs.evolve(self, document=json.loads(body), shed_document=False)
+        return attrs.evolve(self, document=fastjson.loads(body, constants=False), shed_document=False)
 
 
 def _is_json_type(content_type: Optional[bytes]) -> bool:
@@ -108,22 +109,31 @@ def _is_json_type(content_type: Optional[bytes]) -> bool:
     return media == b"application/json" or media.endswith(b"+json")
 
 
-def inspect_body(body: bytes, content_type: Optional[bytes]) -> BodyInfo:
-    """
-    Read the C{stream} flag and model from a JSON body.  Malformed JSON, a
-    non-UTF-8 body or a C{stream} that is not a boolean is a 400; a body that
-    is not JSON (multipart, say) passes untouched.
-    """
-    if not body or not _is_json_type(content_type):
-        return BodyInfo()
+def _refuse_body(body: bytes) -> NoReturn:
+    """The 400 for a body that is not JSON, saying why."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise bad_request(f"The request body is not valid UTF-8: {e}", "invalid_encoding") from None
     try:
-        doc = json.loads(text)
-    except ValueError as e:
+        json.loads(text, parse_constant=fastjson.refuse_constant)
+    except (ValueError, RecursionError) as e:
         raise bad_request(f"The request body is not valid JSON: {e}", "invalid_json") from None
+    raise bad_request("The request body is not valid JSON.", "invalid_json")
+
+
+def inspect_body(body: bytes, content_type: Optional[bytes]) -> BodyInfo:
+    """
+    Read the C{stream} flag and model from a JSON body.  Malformed JSON
+    (NaN and Infinity included: JSON has neither), a non-UTF-8 body or a
+    C{stream} that is not a boolean is a 400; a body that is not JSON
+    (multipart, say) passes untouched.
+    """
+    if not body or not _is_json_type(content_type):
+        return BodyInfo()
+    doc = fastjson.loads(body, constants=False)
+    if doc is fastjson.NOT_JSON:
+        _refuse_body(body)
     if not isinstance(doc, dict):
         return BodyInfo(document=doc)
     stream = doc.get("stream", False)

@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
-from twisted_gw import sse
+from twisted_gw import fastjson, sse
 from twisted_gw.accounting import Accounting, RequestRecord
 from twisted_gw.admission import Admission, QueueFull, QueueTimeout, ShuttingDown, Ticket
 from twisted_gw.assemble import ASSEMBLED_PATHS, Assembler, as_stream_request, with_usage_requested
@@ -573,8 +573,8 @@ class Proxy:
             for event in parser.feed(data):
                 if event == b"[DONE]":
                     continue
-                obj = sse.parse_event(event)  # once, for both the answer and its usage
-                if obj is sse.NOT_JSON:
+                obj = fastjson.loads(event)  # once, for both the answer and its usage
+                if obj is fastjson.NOT_JSON:
                     ex.tracker.see_event(event)  # (whatever it may count)
                 else:
                     assembler.feed(obj)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from typing import Any, Optional
 
 import attrs
-import orjson
+
+from twisted_gw import fastjson
 
 
 class SSEParser:
@@ -52,41 +52,6 @@ class SSEParser:
                     data.append(value[1:] if value.startswith(b" ") else value)
         self._data = data
         return events
-
-
-# The standard library's own scanner (C), called directly: for a small event, the checks and decoding that
-# json.loads wraps around it cost about as much as the parsing.
-_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-_SPACE = " \t\n\r"
-# (bytes.translate and a substring search: a regular expression takes ten times as long)
-_DIGITS_ONLY = bytes(b"0"[0] if chr(i).isdigit() and i < 128 else b" "[0] for i in range(256))
-_LONG_NUMBER = b"0" * 19
-NOT_JSON = object()
-
-
-def parse_event(data: bytes) -> Any:
-    """
-    An event's data as JSON, exactly as C{json.loads} reads UTF-8; L{NOT_JSON}
-    when it is not.  orjson reads it (in a third of the time) unless it has a
-    number orjson would read as a float (19 digits or more); what orjson
-    refuses and the standard library takes (NaN, lone surrogates) is read by
-    the standard library's scanner.
-    """
-    if _LONG_NUMBER not in data.translate(_DIGITS_ONLY):
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
-    try:
-        text = data.decode("utf-8")
-        if text[:1] in _SPACE:
-            text = text.lstrip(_SPACE)
-        obj, end = _scan(text, 0)
-    except (ValueError, StopIteration, RecursionError):  # (UnicodeDecodeError and JSONDecodeError: ValueErrors)
-        return NOT_JSON
-    if end != len(text) and text[end:].strip(_SPACE):
-        return NOT_JSON
-    return obj
 
 
 def comment(text: str) -> bytes:
@@ -222,8 +187,8 @@ class UsageTracker:
         # numbers are parsed (llama.cpp puts them on the last one or two).
         if b'"usage"' not in data and b'"timings"' not in data:
             return
-        obj = parse_event(data)
-        if obj is not NOT_JSON:
+        obj = fastjson.loads(data)
+        if obj is not fastjson.NOT_JSON:
             self.see_object(obj)
 
     def see_body(self, body: bytes) -> None:
