@@ -369,7 +369,8 @@ class PoolTests(SynchronousTestCase):
 
         wire.pool._endpoint = Endpoint()  # type: ignore[assignment]
         wire.clock.rightNow += 5  # past the timeout, before the sweep ran
-        wire.pool.connection()
+        self.assertIsNone(wire.pool.idle_connection())
+        wire.pool.connect()
         self.assertTrue(wire.transport.disconnecting)
         self.assertEqual(len(connects), 1)
         self.assertFalse(wire.pool.reused)
@@ -389,7 +390,8 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(pool.idle, 2)
         self.assertEqual([t.disconnecting for t in transports], [False, False, True])
         # newest first
-        handed = result(pool.connection())
+        handed = pool.idle_connection()
+        assert handed is not None
         self.assertIs(handed.transport, transports[1])
         self.assertTrue(pool.reused)
         pool.close()
@@ -452,7 +454,8 @@ class LoopbackTests(TestCase):
             self.assertEqual(body.data, b"ok")
         self.assertEqual(factory.connections, 1)  # type: ignore[attr-defined]
         self.assertEqual(reused, [False, True, True, True, True])
-        connection = await pool.connection()
+        connection = pool.idle_connection()
+        assert connection is not None
         handle = connection.transport.getHandle()  # type: ignore[union-attr]
         self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))  # a chunk is not held back
         await connection.close()

@@ -91,11 +91,11 @@ class Assembler:
 
     def _feed_choice(self, raw: dict[str, Any]) -> bool:
         index = raw.get("index", 0)
-        choice = self.choices.get(index) if isinstance(index, int) else None
+        if not isinstance(index, int):
+            index = 0
+        choice = self.choices.get(index)
         if choice is None:
-            if not isinstance(index, int):
-                index = 0
-            choice = self.choices.get(index) or self.choices.setdefault(index, _Choice(index))
+            choice = self.choices[index] = _Choice(index)
         if raw.get("finish_reason") is not None:
             choice.finish_reason = raw["finish_reason"]
         if not self.chat:

@@ -33,9 +33,8 @@ def refuse_constant(constant: str) -> Any:
 _scan_strict: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(  # type: ignore[attr-defined]
     parse_constant=refuse_constant).scan_once
 _SPACE = " \t\n\r"
-# every ASCII digit as 0, every other byte as a space / as it is (bytes.translate and a substring search:
-# a regular expression takes ten times as long)
-_DIGITS_ONLY = bytes(b"0"[0] if 0x30 <= i <= 0x39 else b" "[0] for i in range(256))
+# every ASCII digit as 0, every other byte as it is: a run of digits is then a run of 0s (bytes.translate and a
+# substring search: a regular expression takes ten times as long)
 _DIGITS_AS_ZERO = bytes(b"0"[0] if 0x30 <= i <= 0x39 else i for i in range(256))
 _LONG_NUMBER = b"0" * 19
 
@@ -49,7 +48,7 @@ def loads(data: bytes, constants: bool = True) -> Any:
     C{constants=False}: NaN, Infinity and -Infinity, which JSON has not, are
     refused as well (the standard library takes them).
     """
-    if _LONG_NUMBER not in data.translate(_DIGITS_ONLY):
+    if _LONG_NUMBER not in data.translate(_DIGITS_AS_ZERO):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:

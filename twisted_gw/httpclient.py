@@ -470,11 +470,6 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.reused = False  # whether the last connection handed out had served a request before
 
-    def connection(self) -> Deferred[Connection]:
-        """A connection ready for a request: an idle one, else a new one."""
-        connection = self.idle_connection()
-        return succeed(connection) if connection is not None else self.connect()
-
     def connect(self) -> Deferred[Connection]:
         """A new connection."""
         self.reused = False

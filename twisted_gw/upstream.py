@@ -106,7 +106,6 @@ class Upstream:
         self.reactor = reactor
         self.base_url = base_url.rstrip("/")
         self.route = Route(self.base_url, slots=slots)
-        self.api_key = api_key
         self._authorization: Optional[tuple[bytes, list[bytes]]] = (
             (b"Authorization", [b"Bearer " + api_key.encode("utf-8")]) if api_key else None
         )

@@ -375,9 +375,7 @@ class GatewayChannel(http.HTTPChannel):
     def flush_headers(self) -> None:
         """Send the headers held, if any."""
         if self._held:
-            held = self._held
-            del self._held
-            write_now(self.transport, held)
+            self.write(b"")
 
     def write(self, data: bytes) -> None:
         if self._held:
@@ -386,10 +384,11 @@ class GatewayChannel(http.HTTPChannel):
         write_now(self.transport, data)
 
     def writeSequence(self, iovec: Sequence[bytes]) -> None:
+        data = b"".join(iovec)
         if self._held:
-            iovec = [self._held, *iovec]
-            del self._held
-        write_now(self.transport, b"".join(iovec))
+            self.write(data)  # (the headers go first)
+        else:
+            write_now(self.transport, data)  # (a relayed chunk: no call more than needed)
 
     def requestDone(self, request: http.Request) -> None:
         self.flush_headers()  # (a HEAD or 204 answer, which writes no body)
