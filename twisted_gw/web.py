@@ -9,7 +9,8 @@ import hmac
 import importlib.resources
 import ipaddress
 import json
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any, Optional
 
@@ -20,13 +21,13 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
+from twisted_gw.channel import GatewayChannel
 from twisted_gw.errors import GatewayError, error_json, unauthorized
 from twisted_gw.proxy import Proxy, log_refused
-from twisted_gw.sendnow import send_now, write_now
+from twisted_gw.sendnow import send_now
 
 log = Logger(namespace="llmgw.web")
 
@@ -301,6 +302,32 @@ class GatewayRequest(server.Request):
         if not self._refused:
             super().requestReceived(command, path, version)
 
+    def process(self) -> None:
+        """
+        L{server.Request.process}, without what it costs on every request
+        for nothing: a path without percent-escapes is its own unquoted
+        form, and the C{Date} header changes once a second.
+        """
+        path = self.path
+        if b"%" in path or path == b"*":
+            super().process()
+            return
+        self.site = self.channel.site  # type: ignore[attr-defined]
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"Server", _SERVER)
+        headers.setRawHeaders(b"Date", [_http_date()])
+        self.prepath = []
+        self.postpath = path[1:].split(b"/")
+        try:
+            found = self.site.getResourceFor(self)
+            if resource._IEncodingResource.providedBy(found):  # (as Twisted does; the gateway has none)
+                encoder = found.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(found)
+        except BaseException:
+            self.processingFailed(Failure())
+
     def write(self, data: bytes) -> None:
         super().write(data)
         if not data and isinstance(self.channel, GatewayChannel):
@@ -322,6 +349,18 @@ class GatewayRequest(server.Request):
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 
+_SERVER = [server.version]
+_date: tuple[int, bytes] = (0, b"")
+
+
+def _http_date() -> bytes:
+    """The C{Date} header's value now, made once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, http.datetimeToString(now))
+    return _date[1]
+
 # The attributes a request has while it waits in the queue (and once it is done).  CPython keeps the attribute
 # names of a class's instances in one table shared by them all, up to 30 names, and an instance that needs a name
 # the table has no room for gets a dict of its own: about 1.5 KB more for every waiting client.  The table fills
@@ -342,69 +381,6 @@ def _share_attribute_names(cls: type, names: tuple[str, ...]) -> None:
 
 
 _share_attribute_names(GatewayRequest, REQUEST_ATTRIBUTES)
-
-
-class GatewayChannel(http.HTTPChannel):
-    """HTTP/1.1 channel that answers an over-long request or header line with 431, not silence."""
-
-    _host: Any = None
-
-    def getHost(self) -> Any:
-        """The local address, asked of the socket once per connection (Twisted asks it for every request)."""
-        if self._host is None:
-            self._host = super().getHost()
-        return self._host
-
-    # A response's writes go to the socket at once (twisted_gw/sendnow.py).  Its headers are held for the
-    # bytes that follow them in the same Request.write, and sent with them in one send (GatewayRequest.write
-    # sends them alone when no bytes follow); nothing is held from one call to the next.
-    _held = b""
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        if not isinstance(headers, Headers):  # (a form Twisted itself never passes)
-            self.flush_headers()
-            super().writeHeaders(version, code, reason, headers)
-            return
-        parts = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
-        self._held = b"".join(parts)
-
-    def flush_headers(self) -> None:
-        """Send the headers held, if any."""
-        if self._held:
-            self.write(b"")
-
-    def write(self, data: bytes) -> None:
-        if self._held:
-            data = self._held + data
-            del self._held
-        write_now(self.transport, data)
-
-    def writeSequence(self, iovec: Sequence[bytes]) -> None:
-        data = b"".join(iovec)
-        if self._held:
-            self.write(data)  # (the headers go first)
-        else:
-            write_now(self.transport, data)  # (a relayed chunk: no call more than needed)
-
-    def requestDone(self, request: http.Request) -> None:
-        self.flush_headers()  # (a HEAD or 204 answer, which writes no body)
-        super().requestDone(request)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        body = error_json(
-            f"A request header line is longer than {self.MAX_LENGTH} bytes.",
-            "invalid_request_error", "headers_too_large",
-        )
-        assert self.transport is not None
-        self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
-        self.transport.loseConnection()
 
 
 class GatewaySite(server.Site):

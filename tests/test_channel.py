@@ -1,0 +1,176 @@
+"""
+The channel's one-step read of a whole request (twisted_gw/channel.py) against
+Twisted's own line-by-line parse: for every input, the same requests reach the
+resource and the same bytes go back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import http, resource, server
+
+from twisted_gw.channel import GatewayChannel, parse_head
+from twisted_gw.web import GatewaySite
+
+
+class Echo(resource.Resource):
+    """Answers with what it was given: method, URI, path, version, headers (in order) and body."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        assert request.content is not None
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({
+            "method": request.method.decode("latin-1"),
+            "uri": request.uri.decode("latin-1"),
+            "path": request.path.decode("latin-1"),
+            "postpath": [p.decode("latin-1") for p in request.postpath or []],
+            "version": request.clientproto.decode("latin-1"),
+            "headers": [[n.decode("latin-1"), [v.decode("latin-1") for v in vs]]
+                        for n, vs in request.requestHeaders.getAllRawHeaders()],
+            "body": request.content.read().decode("latin-1"),
+        }).encode()
+
+
+class TwistedParse(GatewayChannel):
+    """The same channel reading every request with Twisted's line-by-line parse."""
+
+    def dataReceived(self, data: bytes) -> None:
+        http.HTTPChannel.dataReceived(self, data)
+
+
+def exchange(channel_class: type, reads: list[bytes], max_body: int = 1 << 20) -> bytes:
+    """What a channel of C{channel_class} writes back for C{reads}, the Date header's value blanked."""
+    site = GatewaySite(Echo(), max_body=max_body)
+    site.reactor = Clock()
+    site.protocol = channel_class  # type: ignore[assignment]
+    channel = site.buildProtocol(None)
+    assert channel is not None
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    for data in reads:
+        if transport.disconnecting:  # (a closed connection reads no more)
+            break
+        channel.dataReceived(data)
+    written: bytes = transport.value()
+    return re.sub(rb"\r\nDate: [^\r]*", b"\r\nDate: -", written) + (b" [closed]" if transport.disconnecting else b"")
+
+
+def both(test: SynchronousTestCase, reads: list[bytes], **kwargs: Any) -> bytes:
+    """Both parses give the same answer; that answer."""
+    ours = exchange(GatewayChannel, reads, **kwargs)
+    test.assertEqual(ours, exchange(TwistedParse, reads, **kwargs))
+    return ours
+
+
+def whole(head: bytes, body: bytes = b"") -> bytes:
+    return head + b"\r\n\r\n" + body
+
+
+POST = whole(
+    b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: gw\r\nauthorization: Bearer sk-1\r\n"
+    b"Content-Type: application/json\r\nx-a: one\r\nX-A:  two \t\r\nContent-Length: 15",
+    b'{"stream":true}',
+)
+
+
+class ParseHeadTests(SynchronousTestCase):
+    LIMITS = (16384, 16384, 500)
+
+    def test_a_whole_request_is_read_in_one_step(self) -> None:
+        head = parse_head(POST, *self.LIMITS)
+        assert head is not None
+        self.assertEqual((head.method, head.uri, head.version, head.body),
+                         (b"POST", b"/v1/chat/completions?x=1", b"HTTP/1.1", b'{"stream":true}'))
+        self.assertEqual(head.headers, [
+            (b"Host", b"gw"), (b"Authorization", b"Bearer sk-1"), (b"Content-Type", b"application/json"),
+            (b"X-A", b"one"), (b"X-A", b"two"), (b"Content-Length", b"15"),
+        ])
+
+    def test_what_it_leaves_to_twisted(self) -> None:
+        get = b"GET /v1/models HTTP/1.1\r\nHost: gw"
+        for data in [
+            POST[:-3],  # the body not all here yet
+            POST + b"GET",  # more behind it (pipelined)
+            get + b"\r\n",  # the head not all here yet
+            whole(get + b"\r\nTransfer-Encoding: chunked", b"0\r\n\r\n"),
+            whole(get + b"\r\nX-Folded: a\r\n b"),
+            whole(get + b"\r\nNo colon"),
+            whole(get + b"\r\nX-Nul: a\x00b"),
+            whole(get + b"\r\nX-Cr: a\rb"),
+            whole(get + b"\r\nBad Name: a"),
+            whole(get + b"\r\nContent-Length: 1x", b"1x"),
+            whole(get + b"\r\nContent-Length: 1\r\nContent-Length: 1", b"a"),
+            whole(b"GET /v1/models HTTP/2.0\r\nHost: gw"),
+            whole(b"GET  /v1/models HTTP/1.1"),
+            b"\r\n" + whole(get),  # the empty line some clients send after a POST
+            whole(get + b"\r\nX-Long: " + b"a" * 20000),
+            whole(get + b"\r\n" + b"\r\n".join(b"X-%d: a" % i for i in range(501))),
+        ]:
+            self.assertIsNone(parse_head(data, *self.LIMITS), data[:80])
+
+
+class SameAsTwistedTests(SynchronousTestCase):
+    def test_whole_requests(self) -> None:
+        answer = both(self, [POST])
+        self.assertIn(b"HTTP/1.1 200 OK", answer)
+        self.assertIn(b'"headers": [["Host", ["gw"]], ["Authorization", ["Bearer sk-1"]]', answer)
+        self.assertIn(b'["X-A", ["one", "two"]]', answer)
+        self.assertIn(b'"body": "{\\"stream\\":true}"', answer)
+        get = whole(b"GET /v1/a%2Fb/c HTTP/1.1\r\nHost: gw")
+        self.assertIn(b'"postpath": ["v1", "a/b", "c"]', both(self, [get]))
+        self.assertIn(b'"postpath": ["v1", "models"]', both(self, [whole(b"GET /v1/models HTTP/1.1")]))
+        both(self, [POST, POST, get])  # one after another on the connection
+        both(self, [whole(b"GET /v1/models HTTP/1.0")])  # closed after the answer
+        both(self, [whole(b"GET /v1/models HTTP/1.1\r\nConnection: close"), POST])
+        both(self, [whole(b"POST /v1/x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2", b"{}")])
+
+    def test_requests_left_to_twisted(self) -> None:
+        for reads in [
+            [POST[:40], POST[40:]],
+            [POST + POST],
+            [POST[:-3], POST[-3:] + POST],
+            [whole(b"POST /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked", b"2\r\n{}\r\n0\r\n\r\n")],
+            [whole(b"GET /v1/x HTTP/1.1\r\nX-Folded: a\r\n b")],
+            [whole(b"GET /v1/x HTTP/1.1\r\nX-Nul: a\x00b"), POST],
+            [whole(b"GET /v1/x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1", b"a")],
+            [whole(b"BAD REQUEST LINE HTTP/1.1")],
+            [whole(b"GET /v1/x HTTP/1.1\r\nX-Long: " + b"a" * 20000)],
+            [b"\r\n" + POST],
+        ]:
+            both(self, reads)
+
+    def test_a_body_over_the_limit(self) -> None:
+        answer = both(self, [POST], max_body=10)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertTrue(answer.endswith(b"[closed]"))
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        method=st.sampled_from([b"GET", b"POST", b"PUT", b"G\x00T"]),
+        target=st.binary(max_size=12).map(lambda b: b"/v1/" + b),
+        version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.2"]),
+        headers=st.lists(st.tuples(
+            st.sampled_from([b"X-A", b"x-a", b"Content-Type", b"content-length", b"Transfer-Encoding", b"Bad Name",
+                             b" X-Folded", b"Connection", b""]),
+            st.sampled_from([b":", b": ", b":\t", b""]),
+            st.binary(max_size=8),
+        ), max_size=5),
+        body=st.binary(max_size=8),
+        split=st.integers(min_value=0, max_value=200),
+    )
+    def test_any_input(self, method: bytes, target: bytes, version: bytes, headers: list[tuple[bytes, bytes, bytes]],
+                       body: bytes, split: int) -> None:
+        lines = [b" ".join([method, target, version])] + [name + sep + value for name, sep, value in headers]
+        data = whole(b"\r\n".join(lines), body)
+        both(self, [data])
+        both(self, [data[:split], data[split:]])
