@@ -56,8 +56,9 @@ class FairScheduler:
 
     def admit_now(self, user: str, weight: float) -> None:
         """A request that runs without waiting still uses its user's share."""
-        entry = self.tag(user, weight)
-        self._virtual = max(self._virtual, entry.start)
+        start = max(self._virtual, self._finish.get(user, 0.0))  # (L{tag}'s start, without an entry made)
+        self._finish[user] = start + 1.0 / weight
+        self._virtual = start
 
     def enqueue(self, user: str, weight: float) -> Entry:
         return self._insert(self.tag(user, weight))

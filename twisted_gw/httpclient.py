@@ -40,7 +40,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
@@ -276,7 +276,13 @@ class Connection(Protocol):
         else:
             self._state = _UNTIL_CLOSE
             self._reusable = False
-        return Response(code, phrase, Headers(raw), length, self)
+        headers = Headers()
+        if head.count(b"\r") == head.count(b"\n") == len(lines) - 1:
+            # no lone CR or LF for Headers to turn into spaces: its canonical names, without the per-value pass
+            headers._rawHeaders = {_nameEncoder.encode(name): values for name, values in raw.items()}
+        else:
+            headers = Headers(raw)
+        return Response(code, phrase, headers, length, self)
 
     def _length(self, data: bytes) -> None:
         response = self._response

@@ -191,7 +191,9 @@ class Proxy:
         self.active.add(ex)
         self.memory.seen(len(self.active))
         try:
-            if self.quotas is not None:
+            if self.quotas is not None and (
+                settings.tokens_per_minute is not None or settings.tokens_per_day is not None
+            ):  # (without a quota there are neither headers nor a refusal)
                 self._check_quota(ex, settings)
         except GatewayError:
             unreported = self._not_admitted(Failure(), ex)  # raises it when it is to be the answer

@@ -96,6 +96,9 @@ class Router:
 
     def best(self, model: Optional[str] = None, exclude: Iterable[Route] = ()) -> Optional[Route]:
         """The candidate with the most free places (ties: the next in turn), or None if none is free."""
+        if len(self.routes) == 1 and not exclude:  # (the usual single upstream: no ranking)
+            only = self.routes[0]
+            return only if only.free > 0 else None
         return self._rotate([r for r in self.candidates(model, exclude) if r.free > 0], lambda r: -r.free)
 
     def choose(self, model: Optional[str] = None, exclude: Iterable[Route] = ()) -> Optional[Route]:
