@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
 
 from twisted_gw.httpclient import Connection, ConnectionPool, Response, request_bytes, send
 
@@ -215,6 +216,24 @@ class FramingTests(SynchronousTestCase):
         self.assertEqual(collected.data, CHUNKED_BODY)
         assert collected.reason is not None
         self.assertTrue(collected.reason.check(ResponseDone))
+
+
+class HeadersTests(SynchronousTestCase):
+    def test_the_same_headers_as_twisted_would_hold(self) -> None:
+        for head in (
+            b"HTTP/1.1 200 OK\r\ncontent-type: a/b\r\nX-Two: 1\r\nx-two:  2 \r\nEtag: e\r\nContent-Length: 0",
+            b"HTTP/1.1 200 OK\r\nX-Lone: a\nb\r\nX-Cr: c\rd\r\nContent-Length: 0",  # (Headers makes these spaces)
+        ):
+            wire = Wire()
+            d = wire.ask()
+            wire.feed(head + b"\r\n\r\n")
+            got = list(result(d).headers.getAllRawHeaders())
+            expected = Headers()
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                expected.addRawHeader(name, value.strip(b" \t"))
+            self.assertEqual(got, list(expected.getAllRawHeaders()))
+        self.assertIn((b"X-Lone", [b"a b"]), got)
 
 
 class FailureTests(SynchronousTestCase):
