@@ -75,6 +75,20 @@ class AuthTests(GatewayTestCase):
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
 
+    async def test_user_settings_follow_the_users_file(self) -> None:
+        await self.start(users={"users": {"alice": {"keys": [ALICE], "max_concurrent": 1, "weight": 2}}},
+                         user_max_queued=7)
+        gateway = self.gw.gateway
+        first = gateway.settings_for("alice")
+        self.assertEqual((first.max_concurrent, first.weight, first.max_queued), (1, 2, 7))
+        self.assertIs(gateway.settings_for("alice"), first)  # made once per users file read
+        with open(self.users_path, "w") as f:
+            json.dump({"users": {"alice": {"keys": [ALICE], "max_concurrent": 3}}}, f)
+        await gateway.users.poll()
+        again = gateway.settings_for("alice")
+        self.assertEqual((again.max_concurrent, again.weight, again.max_queued), (3, 1, 7))
+        self.assertEqual((await self.call("GET", "/v1/models")).code, 200)
+
 class ForwardingTests(GatewayTestCase):
     async def test_headers_and_query_string(self) -> None:
         await self.start()

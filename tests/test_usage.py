@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from typing import Any, cast
 
 from prometheus_client.parser import text_string_to_metric_families
 from support import ALICE, BOB, TWISTD, GatewayTestCase, chat_body, content_needle, reactor, sse_data
@@ -18,6 +19,7 @@ from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThread
+from twisted.logger import ILogObserver, eventAsText, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
 from twisted_gw import usage
@@ -228,6 +230,28 @@ class JsonLogTests(GatewayTestCase):
         for field in ("queue_wait", "ttft", "duration"):
             self.assertIsInstance(ok[field], float)
         self.assertEqual((refused["status"], refused["user"], refused["error"]), (401, None, "invalid_api_key"))
+
+
+class AccessLineTests(GatewayTestCase):
+    async def test_the_text_line_of_each_request(self) -> None:
+        await self.start()
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        await (await self.call("POST", "/v1/chat/completions", chat_body(False))).text()
+        await (await self.call("GET", "/v1/{models}")).text()  # braces in the line are not format fields
+        access = [e for e in events if e.get("log_namespace") == "llmgw.access"]
+        for _ in range(100):  # (the books are kept on the reactor's turn after the answer)
+            if len(access) == 2:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+            access = [e for e in events if e.get("log_namespace") == "llmgw.access"]
+        lines = [eventAsText(e, includeTimestamp=False) for e in access]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertRegex(lines[0], r"^\[llmgw\.access#info\] POST /v1/chat/completions 200 user=alice "
+                                   r"wait=\d\.\d{3}s time=\d\.\d{3}s tokens=7\+8$")
+        self.assertRegex(lines[1], r"^\[llmgw\.access#info\] GET /v1/\{models\} \d{3} user=alice wait=")
 
 
 class KillTests(GatewayTestCase):

@@ -727,14 +727,19 @@ class Proxy:
             sink(record)
         # The line is formatted here, once: Twisted's event formatter is a
         # pure-Python string.Formatter and costs several times an f-string.
-        # The fields stay on the event for the JSON observer.
+        # Its format is the line itself (braces doubled), which the formatter
+        # copies without looking up a field, and its system is given, so it
+        # is not built from the namespace and level for every line.  The
+        # fields stay on the event for the JSON observer.
         note = (" (cancelled)" if record.cancelled else "") + (
             " (estimated)" if record.usage_source == "estimate" else "")
+        line = (f"{record.method} {record.path} {record.status} user={record.user} "
+                f"wait={record.queue_wait:.3f}s time={record.duration:.3f}s "
+                f"tokens={record.prompt_tokens}+{record.completion_tokens}{note}")
         log.info(
-            "{access}",
-            access=f"{record.method} {record.path} {record.status} user={record.user} "
-            f"wait={record.queue_wait:.3f}s time={record.duration:.3f}s "
-            f"tokens={record.prompt_tokens}+{record.completion_tokens}{note}",
+            line.replace("{", "{{").replace("}", "}}") if "{" in line or "}" in line else line,
+            log_system=ACCESS_SYSTEM,
+            access=line,
             method=record.method, path=record.path, status=record.status, user=record.user,
             model=record.model, queue_wait=record.queue_wait, ttft=record.ttft, duration=record.duration,
             prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
@@ -742,6 +747,9 @@ class Proxy:
             cancelled=record.cancelled, error=record.error, note=note,
         )
 
+
+# What Twisted's text observers would print as the access line's system ("namespace#level").
+ACCESS_SYSTEM = f"{log.namespace}#info"
 
 # The assembled answer has a length and type of its own.
 ASSEMBLED_DROP = HOP_BY_HOP | {b"content-type", b"content-length", b"cache-control", b"x-accel-buffering"}

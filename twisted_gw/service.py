@@ -14,7 +14,7 @@ from twisted.internet.task import LoopingCall
 
 from twisted_gw.accounting import Accounting
 from twisted_gw.admission import Admission
-from twisted_gw.auth import UserSettings, UsersFile
+from twisted_gw.auth import UserSet, UserSettings, UsersFile
 from twisted_gw.config import Config
 from twisted_gw.ledger import Ledger, load_totals
 from twisted_gw.metrics import me_document, snapshot
@@ -37,6 +37,8 @@ class Gateway(Service):
         self._health: list[LoopingCall] = []
         self._checking: set[Deferred[None]] = set()
         self._previous_sighup: Any = None
+        self._settings_from: Optional[UserSet] = None  # the users file read that _settings came from
+        self._settings: dict[str, UserSettings] = {}
         self.users = UsersFile(config.users_file, reactor, config.users_poll_interval)
         self.upstreams = [self._upstream(spec.url, spec.slots or config.max_concurrent) for spec in config.upstreams]
         self.router = Router([u.route for u in self.upstreams])
@@ -120,8 +122,21 @@ class Gateway(Service):
                 self._health.append(loop)
 
     def settings_for(self, user: str) -> UserSettings:
-        """The user's own settings, with the gateway-wide defaults where it has none."""
-        own = self.users.current.settings_of(user)
+        """
+        The user's own settings, with the gateway-wide defaults where it has
+        none; made once per user for each users file read (they are frozen).
+        """
+        current = self.users.current
+        if current is not self._settings_from:
+            self._settings_from = current
+            self._settings = {}
+        found = self._settings.get(user)
+        if found is None:
+            found = self._settings[user] = self._merged_settings(current, user)
+        return found
+
+    def _merged_settings(self, users: UserSet, user: str) -> UserSettings:
+        own = users.settings_of(user)
         config = self.config
 
         def pick(mine: Optional[int], default: Optional[int]) -> Optional[int]:
