@@ -200,8 +200,11 @@ class Proxy:
             return succeed(None) if unreported is None else fail(unreported)
         if request.method != b"POST":
             return Deferred.fromCoroutine(self._run(ex, uri, body, settings))
+        waiting = self._acquire(ex, settings)
+        if waiting.called and isinstance(waiting.result, Ticket):  # a place at once: nothing chained in between
+            return self._admitted(waiting.result, ex, uri, body, settings)
         # (one callback pair on the queue's Deferred: each costs some 250 bytes while it waits)
-        return self._acquire(ex, settings).addCallbacks(
+        return waiting.addCallbacks(
             self._admitted, self._not_admitted, callbackArgs=(ex, uri, body, settings), errbackArgs=(ex,),
         )
 
