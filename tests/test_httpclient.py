@@ -235,6 +235,22 @@ class HeadersTests(SynchronousTestCase):
             self.assertEqual(got, list(expected.getAllRawHeaders()))
         self.assertIn((b"X-Lone", [b"a b"]), got)
 
+    def test_framing_headers_in_any_case(self) -> None:
+        for head, body, reusable in (
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked", b"2\r\nok\r\n0\r\n\r\n", True),
+            (b"HTTP/1.1 200 OK\r\nTRANSFER-ENCODING: gzip, Chunked", b"2\r\nok\r\n0\r\n\r\n", True),
+            (b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 2", b"ok", True),
+            (b"HTTP/1.1 200 OK\r\nconnection: Close\r\nCONTENT-LENGTH: 2", b"ok", False),
+        ):
+            wire = Wire()
+            d = wire.ask()
+            wire.feed(head + b"\r\n\r\n" + body)
+            collected = Body()
+            result(d).deliverBody(collected)
+            self.assertEqual(collected.data, b"ok", head)
+            self.assertIsNotNone(collected.reason, head)
+            self.assertEqual(wire.connection._reusable, reusable, head)
+
 
 class FailureTests(SynchronousTestCase):
     def test_malformed_heads_fail_and_abort(self) -> None:

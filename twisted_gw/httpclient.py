@@ -245,29 +245,34 @@ class Connection(Protocol):
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code_text) != 3 or not code_text.isdigit():
             raise ProtocolError(f"not an HTTP/1.x status line: {lines[0][:100]!r}")
         code = int(code_text)
+        # (keyed by the names Headers would give them: a name seen before is a token, in Twisted's cache)
         raw: dict[bytes, list[bytes]] = {}
+        canonical = _nameEncoder._canonicalHeaderCache
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.fullmatch(name):
-                raise ProtocolError(f"a malformed header line: {line[:100]!r}")
-            raw.setdefault(name.lower(), []).append(value.strip(b" \t"))
+            known = canonical.get(name) if colon else None
+            if known is None:
+                if not colon or not _TOKEN.fullmatch(name):
+                    raise ProtocolError(f"a malformed header line: {line[:100]!r}")
+                known = _nameEncoder.encode(name)
+            raw.setdefault(known, []).append(value.strip(b" \t"))
         if 100 <= code < 200:
             if code == 101:
                 raise ProtocolError("the upstream switched protocols")
             return None
-        connection = b",".join(raw.get(b"connection", ())).lower()
+        connection = b",".join(raw.get(b"Connection", ())).lower()
         self._reusable = version == b"HTTP/1.1" and b"close" not in connection
         length: Any = UNKNOWN_LENGTH
         if self._head_only or code in (204, 304):
             self._state = _IDLE
             length = 0
-        elif b"transfer-encoding" in raw:
-            codings = b",".join(raw[b"transfer-encoding"]).lower()
+        elif b"Transfer-Encoding" in raw:
+            codings = b",".join(raw[b"Transfer-Encoding"]).lower()
             if codings.rsplit(b",", 1)[-1].strip() != b"chunked":
                 raise ProtocolError(f"an unsupported transfer coding: {codings[:100]!r}")
             self._state = _CHUNK_SIZE
-        elif b"content-length" in raw:
-            values = {v.strip() for v in b",".join(raw[b"content-length"]).split(b",")}
+        elif b"Content-Length" in raw:
+            values = {v.strip() for v in b",".join(raw[b"Content-Length"]).split(b",")}
             value = values.pop() if len(values) == 1 else b""
             if not value.isdigit():
                 raise ProtocolError("a malformed Content-Length")
@@ -279,7 +284,7 @@ class Connection(Protocol):
         headers = Headers()
         if head.count(b"\r") == head.count(b"\n") == len(lines) - 1:
             # no lone CR or LF for Headers to turn into spaces: its canonical names, without the per-value pass
-            headers._rawHeaders = {_nameEncoder.encode(name): values for name, values in raw.items()}
+            headers._rawHeaders = raw
         else:
             headers = Headers(raw)
         return Response(code, phrase, headers, length, self)
