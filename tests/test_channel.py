@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http, resource, server
 
 from twisted_gw.channel import GatewayChannel, parse_head
-from twisted_gw.web import GatewaySite
+from twisted_gw.web import GatewayRequest, GatewaySite
 
 
 class Echo(resource.Resource):
@@ -48,9 +48,18 @@ class TwistedParse(GatewayChannel):
         http.HTTPChannel.dataReceived(self, data)
 
 
-def exchange(channel_class: type, reads: list[bytes], max_body: int = 1 << 20) -> bytes:
+class TwistedProcess(GatewayRequest):
+    """The gateway's request, processed by Twisted's own L{server.Request.process}."""
+
+    def process(self) -> None:
+        server.Request.process(self)
+
+
+def exchange(channel_class: type, reads: list[bytes], max_body: int = 1 << 20,
+             request_class: type[GatewayRequest] = GatewayRequest) -> bytes:
     """What a channel of C{channel_class} writes back for C{reads}, the Date header's value blanked."""
     site = GatewaySite(Echo(), max_body=max_body)
+    site.requestFactory = request_class
     site.reactor = Clock()
     site.protocol = channel_class  # type: ignore[assignment]
     channel = site.buildProtocol(None)
@@ -133,6 +142,14 @@ class SameAsTwistedTests(SynchronousTestCase):
         both(self, [whole(b"GET /v1/models HTTP/1.0")])  # closed after the answer
         both(self, [whole(b"GET /v1/models HTTP/1.1\r\nConnection: close"), POST])
         both(self, [whole(b"POST /v1/x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2", b"{}")])
+
+    def test_processed_as_twisted_does(self) -> None:
+        for reads in ([POST], [whole(b"GET /v1/a%2Fb/c?q=1 HTTP/1.1")], [whole(b"GET / HTTP/1.1")],
+                      [whole(b"GET /v1//models/ HTTP/1.1")]):
+            ours = exchange(GatewayChannel, reads)
+            self.assertEqual(ours, exchange(GatewayChannel, reads, request_class=TwistedProcess))
+            self.assertIn(b"\r\nServer: TwistedWeb/", ours)
+            self.assertIn(b"\r\nDate: -\r\n", ours)
 
     def test_requests_left_to_twisted(self) -> None:
         for reads in [

@@ -143,11 +143,19 @@ class GatewayChannel(http.HTTPChannel):
         if self._buffer:
             super().dataReceived(b"")
 
+    _peer: Any = None
+
     def getHost(self) -> Any:
         """The local address, asked of the socket once per connection (Twisted asks it for every request)."""
         if self._host is None:
             self._host = super().getHost()
         return self._host
+
+    def getPeer(self) -> Any:
+        """The client's address (immutable), made once per connection (Twisted makes it for every request)."""
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     # A response's writes go to the socket at once (twisted_gw/sendnow.py).  Its headers are held for the
     # bytes that follow them in the same Request.write, and sent with them in one send (GatewayRequest.write

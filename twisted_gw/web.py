@@ -313,9 +313,10 @@ class GatewayRequest(server.Request):
             super().process()
             return
         self.site = self.channel.site  # type: ignore[attr-defined]
-        headers = self.responseHeaders
-        headers.setRawHeaders(b"Server", _SERVER)
-        headers.setRawHeaders(b"Date", [_http_date()])
+        # (what setHeader would store: the names canonical, the values free of line breaks)
+        raw = self.responseHeaders._rawHeaders
+        raw[b"Server"] = [_SERVER]
+        raw[b"Date"] = [_http_date()]
         self.prepath = []
         self.postpath = path[1:].split(b"/")
         try:
@@ -349,7 +350,7 @@ class GatewayRequest(server.Request):
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 
-_SERVER = [server.version]
+_SERVER: bytes = server.version
 _date: tuple[int, bytes] = (0, b"")
 
 
