@@ -203,8 +203,11 @@ def start_upstream(work: str) -> Server:
 
 
 def start_gateway(work: str, name: str, upstream: int, max_concurrent: int, max_queue: int,
-                  env: Optional[dict[str, str]] = None) -> Server:
-    """C{twistd -n llmgw} in front of C{upstream}; C{env}: its environment (another source tree on PYTHONPATH)."""
+                  env: Optional[dict[str, str]] = None, extra: Sequence[str] = ()) -> Server:
+    """
+    C{twistd -n llmgw} in front of C{upstream}; C{env}: its environment (another source tree on PYTHONPATH);
+    C{extra}: more options.
+    """
     port = free_port()
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     if not os.path.exists(twistd):
@@ -213,7 +216,7 @@ def start_gateway(work: str, name: str, upstream: int, max_concurrent: int, max_
            "--listen", f"tcp:{port}:interface=127.0.0.1", "--upstream", f"http://127.0.0.1:{upstream}",
            "--usage-db", "none", "--users", os.path.join(work, "users.json"),
            "--max-concurrent", str(max_concurrent), "--max-queue", str(max_queue),
-           "--upstream-check-interval", "0"]
+           "--upstream-check-interval", "0", *extra]
     server = Server(name, cmd, port, os.path.join(work, f"{name}.log"), cwd=work, env=env)
     server.wait_up()
     return server
