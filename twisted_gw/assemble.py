@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import orjson
+
 from twisted_gw import fastjson
 
 ASSEMBLED_PATHS = {b"/v1/chat/completions": True, b"/v1/completions": False}
@@ -35,6 +37,11 @@ def with_usage_requested(doc: dict[str, Any]) -> bytes:
 
 
 _HEAD = ("created", "model", "system_fingerprint", "id")
+
+# A chat token chunk as llama.cpp writes it, up to its text; then the text's closing quote and the rest.
+_TOKEN_PREFIX = b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"'
+_TOKEN_TEXT_END = b'"}}],'
+_TOKEN_KEYS = frozenset(("choices", *_HEAD, "object"))
 
 
 class _Choice:
@@ -60,6 +67,47 @@ class Assembler:
         self.timings: Optional[dict[str, Any]] = None
         self.error: Optional[dict[str, Any]] = None
         self.tokens = 0  # chunks that carried generated text (a token each, for an estimate)
+        # The bytes after the text of a token chunk read whole (see L{feed_event}), from its closing quote on.
+        self._token_tail: Optional[bytes] = None
+
+    def feed_event(self, event: bytes) -> bool:
+        """
+        Take one event's data in: parsed and fed (L{feed}), or, for a chat
+        token chunk whose bytes are those of one parsed before but for its
+        text, only its text read (each token chunk of a llama.cpp stream
+        repeats the same fields after its text, but for C{created}, the
+        second it was written in).  False when it is not JSON.
+
+        The shortcut gives what parsing would.  The chunk it was learnt from
+        was parsed whole: one choice, index 0, no finish reason, a delta of
+        only text, no other field but those kept once (L{_HEAD}, C{object}),
+        no second C{choices}.  A chunk with the same bytes around a valid
+        JSON string is the same document with another text; any other chunk
+        is parsed.
+        """
+        tail = self._token_tail
+        if tail is not None and event.startswith(_TOKEN_PREFIX) and event.endswith(tail):
+            start = len(_TOKEN_PREFIX) - 1  # (its opening quote)
+            end = len(event) - len(tail) + 1  # (after its closing quote)
+            if end - start >= 2:
+                try:
+                    text = orjson.loads(event[start:end])
+                except orjson.JSONDecodeError:  # (not one string: parsed below, which finds what it is)
+                    text = None
+                if type(text) is str:
+                    choice = self.choices[0]
+                    choice.text.append(text)
+                    choice.saw_text = True
+                    if text:
+                        self.tokens += 1
+                    return True
+        chunk = fastjson.loads(event)
+        if chunk is fastjson.NOT_JSON:
+            return False
+        self.feed(chunk)
+        if self.chat and event.startswith(_TOKEN_PREFIX):  # (learnt again when the fields change: "created" does)
+            self._token_tail = _token_tail(event, chunk) or tail
+        return True
 
     def feed(self, chunk: Any) -> bool:
         """Take one chunk in; whether it carried generated text (counted in L{tokens})."""
@@ -177,3 +225,42 @@ class Assembler:
         """The answer as llama.cpp serialises it: compact, UTF-8 as is."""
         return fastjson.dumps({"error": self.error} if self.error is not None else self.document())
 
+
+
+def _token_tail(event: bytes, chunk: Any) -> Optional[bytes]:
+    """
+    For a chat token chunk C{event} parsed as C{chunk}: its bytes from its
+    text's closing quote on, if it is a plain one (see L{Assembler.feed_event});
+    else None.
+    """
+    if not (event.startswith(_TOKEN_PREFIX) and type(chunk) is dict and chunk.keys() <= _TOKEN_KEYS):
+        return None
+    choices = chunk["choices"]
+    if type(choices) is not list or len(choices) != 1:
+        return None
+    choice = choices[0]
+    if type(choice) is not dict or choice.keys() != {"finish_reason", "index", "delta"}:
+        return None
+    delta = choice["delta"]
+    if choice["finish_reason"] is not None or type(choice["index"]) is not int or choice["index"] != 0:
+        return None
+    if type(delta) is not dict or delta.keys() != {"content"} or type(delta["content"]) is not str:
+        return None
+    # the text's closing quote: the first candidate after which the text reads as parsed
+    at = event.find(_TOKEN_TEXT_END, len(_TOKEN_PREFIX))
+    while at >= 0:
+        try:
+            text = orjson.loads(event[len(_TOKEN_PREFIX) - 1:at + 1])
+        except orjson.JSONDecodeError:
+            text = None
+        if text == delta["content"]:
+            break
+        at = event.find(_TOKEN_TEXT_END, at + 1)
+    else:
+        return None
+    # what follows the choices, read alone: only fields kept once (a second "choices", however its name is
+    # escaped, would be the one a parser keeps)
+    rest = fastjson.loads(b"{" + event[at + len(_TOKEN_TEXT_END):])
+    if type(rest) is not dict or "choices" in rest or not rest.keys() <= _TOKEN_KEYS:
+        return None
+    return event[at:]

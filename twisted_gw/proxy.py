@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
-from twisted_gw import fastjson, sse
+from twisted_gw import sse
 from twisted_gw.accounting import Accounting, RequestRecord
 from twisted_gw.admission import Admission, QueueFull, QueueTimeout, ShuttingDown, Ticket
 from twisted_gw.assemble import ASSEMBLED_PATHS, Assembler, as_stream_request, with_usage_requested
@@ -576,13 +576,8 @@ class Proxy:
 
         def on_data(data: bytes) -> None:
             for event in parser.feed(data):
-                if event == b"[DONE]":
-                    continue
-                obj = fastjson.loads(event)  # once, for both the answer and its usage
-                if obj is fastjson.NOT_JSON:
-                    ex.tracker.see_event(event)  # (whatever it may count)
-                else:
-                    assembler.feed(obj)
+                if event != b"[DONE]" and not assembler.feed_event(event):  # (read once, for the answer and usage)
+                    ex.tracker.see_event(event)  # not JSON (whatever it may count)
             if ex.first_token_at is None and (assembler.tokens or ex.tracker.content_chunks):
                 ex.first_token_at = self.clock.seconds()
 
