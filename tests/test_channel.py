@@ -16,8 +16,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http, resource, server
+from twisted.web.http_headers import Headers
 
-from twisted_gw.channel import GatewayChannel, parse_head
+from twisted_gw.channel import GatewayChannel, parse_head, put_raw_headers
 from twisted_gw.web import GatewayRequest, GatewaySite
 
 
@@ -126,6 +127,21 @@ class ParseHeadTests(SynchronousTestCase):
             whole(get + b"\r\n" + b"\r\n".join(b"X-%d: a" % i for i in range(501))),
         ]:
             self.assertIsNone(parse_head(data, *self.LIMITS), data[:80])
+
+
+class PutRawHeadersTests(SynchronousTestCase):
+    def test_as_set_raw_headers_would_for_pairs_read_from_headers(self) -> None:
+        source = Headers()
+        for name, value in ((b"x-a", b"1"), (b"X-A", b"2"), (b"content-md5", b"m"), (b"Etag", b"e"),
+                            (b"x-lines", b"a\r\nb"), ("x-text", "\u00e9")):
+            source.addRawHeader(name, value)
+        ours, twisted = Headers({b"x-kept": [b"k"], b"x-a": [b"old"]}), Headers({b"x-kept": [b"k"], b"x-a": [b"old"]})
+        put_raw_headers(ours, source.getAllRawHeaders())
+        for name, values in source.getAllRawHeaders():
+            twisted.setRawHeaders(name, values)
+        self.assertEqual(list(ours.getAllRawHeaders()), list(twisted.getAllRawHeaders()))
+        ours.addRawHeader(b"x-a", b"3")  # (its own lists: the source is untouched)
+        self.assertEqual(source.getRawHeaders(b"x-a"), [b"1", b"2"])
 
 
 class SameAsTwistedTests(SynchronousTestCase):

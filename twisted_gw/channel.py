@@ -16,7 +16,7 @@ Twisted's parse unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, Optional
 
 from twisted.web import http
@@ -25,6 +25,18 @@ from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 
 from twisted_gw.errors import error_json
 from twisted_gw.sendnow import write_now
+
+
+def put_raw_headers(headers: Headers, pairs: Iterable[tuple[bytes, Sequence[bytes]]]) -> None:
+    """
+    C{headers.setRawHeaders(name, values)} for each pair, for pairs read
+    from another L{Headers} (or written so): their names are canonical and
+    their values free of line breaks already, so the per-value pass that
+    C{setRawHeaders} makes is skipped.
+    """
+    raw = headers._rawHeaders
+    for name, values in pairs:
+        raw[name] = list(values)
 
 
 class Head(NamedTuple):

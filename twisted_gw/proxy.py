@@ -32,6 +32,7 @@ from twisted_gw.accounting import Accounting, RequestRecord
 from twisted_gw.admission import Admission, QueueFull, QueueTimeout, ShuttingDown, Ticket
 from twisted_gw.assemble import ASSEMBLED_PATHS, Assembler, as_stream_request, with_usage_requested
 from twisted_gw.auth import UserSettings
+from twisted_gw.channel import put_raw_headers
 from twisted_gw.checks import (
     GATEWAY_USER_HEADER,
     HOP_BY_HOP,
@@ -535,12 +536,11 @@ class Proxy:
                                drop: frozenset[bytes] = HOP_BY_HOP) -> None:
         request = ex.request
         request.setResponseCode(status, response.phrase if status == response.code else None)
-        for name, values in forward_headers(
+        put_raw_headers(request.responseHeaders, forward_headers(
             response.headers.getAllRawHeaders(),
             response.headers.getRawHeaders(b"connection", []),
             drop,
-        ):
-            request.responseHeaders.setRawHeaders(name, values)
+        ))
         ex.headers_sent = True
         ex.status = status
 
@@ -593,8 +593,9 @@ class Proxy:
             code = assembler.error.get("code")
             status = code if isinstance(code, int) and 400 <= code <= 599 else 500
         self._copy_response_headers(ex, response, status, ASSEMBLED_DROP)
-        ex.request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
-        ex.request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+        put_raw_headers(ex.request.responseHeaders, (
+            (b"Content-Type", (b"application/json; charset=utf-8",)), (b"Content-Length", (b"%d" % len(body),)),
+        ))
         ex.request.write(body)
 
     def _stamp_first_token(self, ex: Exchange) -> None:
