@@ -72,8 +72,8 @@ def forward_headers(
     raw: Iterable[tuple[bytes, Sequence[bytes]]], connection: Iterable[bytes], drop: frozenset[bytes]
 ) -> list[tuple[bytes, Sequence[bytes]]]:
     """The headers to pass on: all but C{drop} and those named by C{Connection}."""
-    also = connection_tokens(connection)
-    return [(name, values) for name, values in raw if name.lower() not in drop and name.lower() not in also]
+    skip = drop | connection_tokens(connection) if connection else drop
+    return [(name, values) for name, values in raw if name.lower() not in skip]
 
 
 @attrs.frozen
