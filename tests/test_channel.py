@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Optional
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http, resource, server
 from twisted.web.http_headers import Headers
@@ -129,81 +127,6 @@ class ParseHeadTests(SynchronousTestCase):
             whole(get + b"\r\n" + b"\r\n".join(b"X-%d: a" % i for i in range(501))),
         ]:
             self.assertIsNone(parse_head(data, *self.LIMITS), data[:80])
-
-
-class Held(resource.Resource):
-    """Answers only when told to."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.waiting: list[server.Request] = []
-
-    def render(self, request: server.Request) -> object:
-        self.waiting.append(request)
-        return server.NOT_DONE_YET
-
-
-class TwistedTimeout(GatewayChannel):
-    """The same channel with Twisted's own idle timeout handling."""
-
-    def setTimeout(self, period: Optional[float]) -> Optional[float]:
-        return http.HTTPChannel.setTimeout(self, period)
-
-    def timeoutConnection(self) -> None:
-        http.HTTPChannel.timeoutConnection(self)
-
-
-class IdleTimeoutTests(SynchronousTestCase):
-    def timeline(self, channel_class: type) -> list[tuple[float, bool, int]]:
-        """Closed or not, and timers pending, at each step of: idle, a request held past the timeout, idle again."""
-        held = Held()
-        site = GatewaySite(held)
-        clock = site.reactor = Clock()
-        site.timeOut = 10
-        site.protocol = channel_class  # type: ignore[assignment]
-        channel = site.buildProtocol(None)
-        assert channel is not None
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        seen = []
-
-        def step(seconds: float) -> None:
-            clock.advance(seconds)
-            seen.append((clock.seconds(), bool(transport.disconnecting), len(clock.getDelayedCalls())))
-
-        step(9)
-        channel.dataReceived(whole(b"GET /v1/a HTTP/1.1"))
-        step(9)
-        step(9)  # past the timeout while the request is handled
-        step(30)
-        held.waiting[0].finish()
-        step(9)
-        channel.dataReceived(whole(b"GET /v1/b HTTP/1.1"))
-        held.waiting[1].finish()
-        step(9)
-        step(2)  # idle for 11 s: closed
-        return seen
-
-    def test_as_twisted_does(self) -> None:
-        ours = self.timeline(GatewayChannel)
-        self.assertEqual([closed for _, closed, _ in ours], [False] * 6 + [True])
-        self.assertEqual([closed for _, closed, _ in ours], [closed for _, closed, _ in self.timeline(TwistedTimeout)])
-
-    def test_no_timer_outlives_the_connection(self) -> None:
-        for channel_class in (GatewayChannel, TwistedTimeout):
-            for mid_request in (False, True):
-                site = GatewaySite(Held())
-                clock = site.reactor = Clock()
-                site.protocol = channel_class
-                channel = site.buildProtocol(None)
-                assert channel is not None
-                channel.makeConnection(StringTransport())
-                if mid_request:
-                    channel.dataReceived(whole(b"GET /v1/a HTTP/1.1"))
-                channel.connectionLost(Failure(ConnectionDone()))
-                self.assertEqual(clock.getDelayedCalls(), [], (channel_class, mid_request))
 
 
 class PutRawHeadersTests(SynchronousTestCase):

@@ -19,9 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, Optional
 
-from twisted.internet.protocol import connectionDone
-from twisted.protocols.policies import TimeoutMixin
-from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import _parseRequestLine  # (a name of its own: the module is behind a deprecation proxy)
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
@@ -109,29 +106,6 @@ class GatewayChannel(http.HTTPChannel):
     """HTTP/1.1 channel: a whole request in one step, responses sent at once, 431 for an over-long line."""
 
     _host: Any = None
-
-    def setTimeout(self, period: Optional[float]) -> Optional[float]:
-        """
-        Twisted turns the idle timeout off while a request is handled
-        (C{setTimeout(None)}, which cancels the timer) and on again after it
-        (a new timer): a timer cancelled and one made for every request.
-        Here the timer stays while the timeout is off, and is unheeded if it
-        runs out meanwhile (L{timeoutConnection}); turned on again, it is
-        reset, or made if it ran out.
-        """
-        if period is None and self.timeOut is not None:
-            previous, self.timeOut = self.timeOut, None
-            return previous
-        return super().setTimeout(period)
-
-    def timeoutConnection(self) -> None:
-        if self.timeOut is None:  # off while a request is handled (see setTimeout)
-            return
-        super().timeoutConnection()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        super().connectionLost(reason)  # (its setTimeout(None) only turned the timeout off)
-        TimeoutMixin.setTimeout(self, None)  # the timer goes with the connection
 
     def dataReceived(self, data: bytes) -> None:
         if (
