@@ -13,6 +13,16 @@ import subprocess
 import time
 from typing import Any, cast
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    enable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from support import ALICE, BOB, TWISTD, GatewayTestCase, chat_body, content_needle, reactor, sse_data
 from twisted.internet import task
@@ -20,10 +30,14 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, eventAsText, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from twisted_gw import usage
+from twisted_gw import prometheus, usage
+from twisted_gw.accounting import RequestRecord
+from twisted_gw.admission import Admission
 from twisted_gw.errors import GatewayError
+from twisted_gw.routing import Router
 from twisted_gw.testing import FakeLlama
 
 
@@ -171,6 +185,102 @@ class PrometheusTests(GatewayTestCase):
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for f in text_string_to_metric_families(text) for s in f.samples}
         self.assertEqual(samples[("llmgw_upstream_errors_total", (("kind", "upstream_unreachable"),))], 1)
+
+
+class LibraryMetrics:
+    """The same metrics as prometheus_client's own Counter and Histogram objects: what the exposition must equal."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("llmgw_requests", "Finished requests", ["user"], registry=r)
+        self.prompt_tokens = Counter("llmgw_prompt_tokens", "Prompt tokens", ["user"], registry=r)
+        self.completion_tokens = Counter("llmgw_completion_tokens", "Completion tokens", ["user"], registry=r)
+        self.cancelled = Counter("llmgw_cancelled_requests", "Requests whose client left", ["user"], registry=r)
+        self.upstream_errors = Counter("llmgw_upstream_errors", "Upstream failures", ["kind"], registry=r)
+        self.queue_wait = Histogram("llmgw_queue_wait_seconds", "Time waited for a place",
+                                    buckets=prometheus.SECONDS_BUCKETS, registry=r)
+        self.ttft = Histogram("llmgw_time_to_first_token_seconds", "Time to the first generated token",
+                              buckets=prometheus.SECONDS_BUCKETS, registry=r)
+        self.duration = Histogram("llmgw_request_duration_seconds", "Request duration",
+                                  buckets=prometheus.SECONDS_BUCKETS, registry=r)
+        self.tokens_per_second = Histogram("llmgw_generation_tokens_per_second", "Generation speed seen by clients",
+                                           buckets=prometheus.TPS_BUCKETS, registry=r)
+        r.register(prometheus._QueueCollector(admission))
+
+    def observe(self, rec: RequestRecord) -> None:
+        self.requests.labels(rec.user).inc()
+        self.prompt_tokens.labels(rec.user).inc(rec.prompt_tokens)
+        self.completion_tokens.labels(rec.user).inc(rec.completion_tokens)
+        if rec.cancelled:
+            self.cancelled.labels(rec.user).inc()
+        if rec.error and rec.error.startswith("upstream_"):
+            self.upstream_errors.labels(rec.error).inc()
+        if rec.method == "POST":
+            self.queue_wait.observe(rec.queue_wait)
+        if rec.ttft is not None:
+            self.ttft.observe(rec.ttft)
+        self.duration.observe(rec.duration)
+        if rec.tokens_per_second is not None:
+            self.tokens_per_second.observe(rec.tokens_per_second)
+
+
+def exposition(registry: CollectorRegistry) -> tuple[str, list[float]]:
+    """The text exposition with each _created value taken out (they are clock readings), and those values."""
+    created: list[float] = []
+
+    def take(match: re.Match[str]) -> str:
+        created.append(float(match.group(2)))
+        return match.group(1) + "CREATED"
+
+    text = re.sub(r"^(\S+_created(?:\{[^}]*\})? )(\S+)$", take, generate_latest(registry).decode(), flags=re.M)
+    return text, created
+
+
+seconds = st.one_of(st.floats(min_value=0, max_value=1000), st.sampled_from([0.005, 0.01, 600.0, 1e9, float("nan")]))
+records = st.builds(
+    RequestRecord,
+    user=st.sampled_from(["alice", "bob", "carol"]),
+    method=st.sampled_from(["POST", "GET"]),
+    path=st.just("/v1/chat/completions"),
+    status=st.just(200),
+    prompt_tokens=st.integers(0, 5000),
+    completion_tokens=st.integers(0, 5000),
+    duration=seconds,
+    queue_wait=seconds,
+    cancelled=st.booleans(),
+    ttft=st.none() | seconds,
+    tokens_per_second=st.none() | st.floats(min_value=0, max_value=5000),
+    error=st.none() | st.sampled_from(["upstream_unreachable", "upstream_500", "queue_timeout"]),
+)
+
+
+class ExpositionTests(SynchronousTestCase):
+    """The gateway's plain counters expose exactly what prometheus_client's metric objects would."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(records, max_size=30))
+    def test_same_exposition_as_the_library(self, recs: list[RequestRecord]) -> None:
+        before = time.time()
+        admission = Admission(Router.single(2), task.Clock(), 10, 60.0)
+        ours, library = prometheus.PrometheusMetrics(admission), LibraryMetrics(admission)
+        for rec in recs:
+            ours.observe(rec)
+            library.observe(rec)
+        (text, created), (expected, expected_created) = exposition(ours.registry), exposition(library.registry)
+        self.assertEqual(text, expected)
+        self.assertEqual(len(created), len(expected_created))
+        self.assertTrue(all(before <= c <= time.time() for c in created), created)
+
+    def test_without_created_series(self) -> None:
+        admission = Admission(Router.single(2), task.Clock(), 10, 60.0)
+        disable_created_metrics()
+        self.addCleanup(enable_created_metrics)
+        ours, library = prometheus.PrometheusMetrics(admission), LibraryMetrics(admission)
+        rec = RequestRecord("alice", "POST", "/v1/x", 200, 3, 4, 0.5, ttft=0.1, tokens_per_second=40.0)
+        ours.observe(rec)
+        library.observe(rec)
+        self.assertEqual(generate_latest(ours.registry), generate_latest(library.registry))
+        self.assertNotIn(b"_created", generate_latest(ours.registry))
 
 
 class MetricsProtectionTests(GatewayTestCase):
