@@ -581,22 +581,23 @@ class Proxy:
             if ex.first_token_at is None and (assembler.tokens or ex.tracker.content_chunks):
                 ex.first_token_at = self.clock.seconds()
 
+        # What the assembler took in counts as if seen event by event, also when the stream broke off; once the
+        # answer is sent, when it was not (the books need it only after the answer).
         try:
             await self._receive(ex, response, on_data, producer=False)
+            body = assembler.body()
+            status = 200
+            if assembler.error is not None:
+                code = assembler.error.get("code")
+                status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+            self._copy_response_headers(ex, response, status, ASSEMBLED_DROP)
+            put_raw_headers(ex.request.responseHeaders, (
+                (b"Content-Type", (b"application/json; charset=utf-8",)), (b"Content-Length", (b"%d" % len(body),)),
+            ))
+            ex.request.write(body)
         finally:
-            # what the assembler took in counts as if seen event by event (also when the stream broke off)
             ex.tracker.content_chunks += assembler.tokens
             ex.tracker.see_object({"usage": assembler.usage, "timings": assembler.timings})
-        body = assembler.body()
-        status = 200
-        if assembler.error is not None:
-            code = assembler.error.get("code")
-            status = code if isinstance(code, int) and 400 <= code <= 599 else 500
-        self._copy_response_headers(ex, response, status, ASSEMBLED_DROP)
-        put_raw_headers(ex.request.responseHeaders, (
-            (b"Content-Type", (b"application/json; charset=utf-8",)), (b"Content-Length", (b"%d" % len(body),)),
-        ))
-        ex.request.write(body)
 
     def _stamp_first_token(self, ex: Exchange) -> None:
         if ex.first_token_at is None and ex.tracker.content_chunks:
