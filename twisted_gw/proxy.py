@@ -471,9 +471,14 @@ class Proxy:
         elif await self._needs_usage_injection(ex, upstream, uri, info):
             body = with_usage_requested(info.document)
             injected_usage = True
+        try:
+            sent = upstream.request(ex.request.method, uri, headers, body or None)
+        except Exception as e:  # (it fails its Deferred instead; as if it had)
+            raise _Unreachable(e) from None
+        # (made once the request is on its way: not between the client and the upstream)
         timer = self.clock.callLater(self.upstream_timeout, self._timed_out, ex, "upstream_timeout")
         try:
-            response = await ex.wait(upstream.request(ex.request.method, uri, headers, body or None))
+            response = await ex.wait(sent)
         except (CancelledError, GatewayError):
             raise
         except Exception as e:
