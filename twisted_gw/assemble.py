@@ -41,7 +41,8 @@ _HEAD = ("created", "model", "system_fingerprint", "id")
 # A chat token chunk as llama.cpp writes it, up to its text; then the text's closing quote and the rest.
 _TOKEN_PREFIX = b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"'
 _TOKEN_TEXT_END = b'"}}],'
-_TOKEN_KEYS = frozenset(("choices", *_HEAD, "object"))
+# The fields a token chunk may have after its choices (each kept from the first chunk that has it).
+_TOKEN_FIELDS = frozenset((*_HEAD, "object"))
 
 
 class _Choice:
@@ -226,16 +227,15 @@ class Assembler:
         return fastjson.dumps({"error": self.error} if self.error is not None else self.document())
 
 
-
 def _token_tail(event: bytes, chunk: Any) -> Optional[bytes]:
     """
     For a chat token chunk C{event} parsed as C{chunk}: its bytes from its
     text's closing quote on, if it is a plain one (see L{Assembler.feed_event});
     else None.
     """
-    if not (event.startswith(_TOKEN_PREFIX) and type(chunk) is dict and chunk.keys() <= _TOKEN_KEYS):
+    if not (event.startswith(_TOKEN_PREFIX) and type(chunk) is dict and chunk.keys() - {"choices"} <= _TOKEN_FIELDS):
         return None
-    choices = chunk["choices"]
+    choices = chunk.get("choices")
     if type(choices) is not list or len(choices) != 1:
         return None
     choice = choices[0]
@@ -261,6 +261,6 @@ def _token_tail(event: bytes, chunk: Any) -> Optional[bytes]:
     # what follows the choices, read alone: only fields kept once (a second "choices", however its name is
     # escaped, would be the one a parser keeps)
     rest = fastjson.loads(b"{" + event[at + len(_TOKEN_TEXT_END):])
-    if type(rest) is not dict or "choices" in rest or not rest.keys() <= _TOKEN_KEYS:
+    if type(rest) is not dict or not rest.keys() <= _TOKEN_FIELDS:
         return None
     return event[at:]

@@ -105,7 +105,8 @@ def parse_head(data: bytes, max_line: int, max_size: int, max_headers: int) -> O
 class GatewayChannel(http.HTTPChannel):
     """HTTP/1.1 channel: a whole request in one step, responses sent at once, 431 for an over-long line."""
 
-    _host: Any = None
+    _host: Any = None  # (the local and the client's address, once per connection: see getHost, getPeer)
+    _peer: Any = None
 
     def dataReceived(self, data: bytes) -> None:
         if (
@@ -154,8 +155,6 @@ class GatewayChannel(http.HTTPChannel):
             self._busyReceiving = False
         if self._buffer:
             super().dataReceived(b"")
-
-    _peer: Any = None
 
     def getHost(self) -> Any:
         """The local address, asked of the socket once per connection (Twisted asks it for every request)."""
@@ -219,5 +218,3 @@ class GatewayChannel(http.HTTPChannel):
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
         )
         self.transport.loseConnection()
-
-

@@ -48,17 +48,19 @@ class FairScheduler:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def tag(self, user: str, weight: float) -> Entry:
-        """Tags for a request of C{user}: the start it would get if it arrived now."""
+    def _start(self, user: str, weight: float) -> float:
+        """The start a request of C{user} gets if it arrives now; its user's next start moves past it."""
         start = max(self._virtual, self._finish.get(user, 0.0))
         self._finish[user] = start + 1.0 / weight
-        return Entry(user, start, next(self._seq))
+        return start
+
+    def tag(self, user: str, weight: float) -> Entry:
+        """Tags for a request of C{user}: the start it would get if it arrived now."""
+        return Entry(user, self._start(user, weight), next(self._seq))
 
     def admit_now(self, user: str, weight: float) -> None:
-        """A request that runs without waiting still uses its user's share."""
-        start = max(self._virtual, self._finish.get(user, 0.0))  # (L{tag}'s start, without an entry made)
-        self._finish[user] = start + 1.0 / weight
-        self._virtual = start
+        """A request that runs without waiting still uses its user's share (no entry is made for it)."""
+        self._virtual = self._start(user, weight)
 
     def enqueue(self, user: str, weight: float) -> Entry:
         return self._insert(self.tag(user, weight))

@@ -281,9 +281,9 @@ class Connection(Protocol):
         else:
             self._state = _UNTIL_CLOSE
             self._reusable = False
-        headers = Headers()
         if head.count(b"\r") == head.count(b"\n") == len(lines) - 1:
             # no lone CR or LF for Headers to turn into spaces: its canonical names, without the per-value pass
+            headers = Headers()
             headers._rawHeaders = raw
         else:
             headers = Headers(raw)

@@ -586,8 +586,8 @@ class Proxy:
             if ex.first_token_at is None and (assembler.tokens or ex.tracker.content_chunks):
                 ex.first_token_at = self.clock.seconds()
 
-        # What the assembler took in counts as if seen event by event, also when the stream broke off; once the
-        # answer is sent, when it was not (the books need it only after the answer).
+        # What the assembler took in counts as if seen event by event.  It is counted after the answer is sent (the
+        # books read it only then), and in a finally, so that a stream that broke off counts too.
         try:
             await self._receive(ex, response, on_data, producer=False)
             body = assembler.body()

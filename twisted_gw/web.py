@@ -24,7 +24,7 @@ from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from twisted_gw.channel import GatewayChannel
+from twisted_gw.channel import GatewayChannel, put_raw_headers
 from twisted_gw.errors import GatewayError, error_json, unauthorized
 from twisted_gw.proxy import Proxy, log_refused
 from twisted_gw.sendnow import send_now
@@ -313,10 +313,7 @@ class GatewayRequest(server.Request):
             super().process()
             return
         self.site = self.channel.site  # type: ignore[attr-defined]
-        # (what setHeader would store: the names canonical, the values free of line breaks)
-        raw = self.responseHeaders._rawHeaders
-        raw[b"Server"] = [_SERVER]
-        raw[b"Date"] = [_http_date()]
+        put_raw_headers(self.responseHeaders, ((b"Server", (_SERVER,)), (b"Date", (_http_date(),))))
         self.prepath = []
         self.postpath = path[1:].split(b"/")
         try:
