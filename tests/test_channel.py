@@ -39,6 +39,8 @@ class Echo(resource.Resource):
             "headers": [[n.decode("latin-1"), [v.decode("latin-1") for v in vs]]
                         for n, vs in request.requestHeaders.getAllRawHeaders()],
             "body": request.content.read().decode("latin-1"),
+            "args": sorted([k.decode("latin-1"), [v.decode("latin-1") for v in vs]] for k, vs in request.args.items()),
+            "cookies": sorted([k.decode("latin-1"), v.decode("latin-1")] for k, v in request.received_cookies.items()),
         }).encode()
 
 
@@ -54,6 +56,19 @@ class TwistedProcess(GatewayRequest):
 
     def process(self) -> None:
         server.Request.process(self)
+
+
+class TwistedRequest(TwistedProcess):
+    """
+    The gateway's request (its body limit), received and processed by
+    Twisted's own methods, and taken by the channel with Twisted's calls.
+    """
+
+    received_whole = None  # type: ignore[assignment]
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            server.Request.requestReceived(self, command, path, version)
 
 
 def exchange(channel_class: type, reads: list[bytes], max_body: int = 1 << 20,
@@ -76,9 +91,15 @@ def exchange(channel_class: type, reads: list[bytes], max_body: int = 1 << 20,
 
 
 def both(test: SynchronousTestCase, reads: list[bytes], **kwargs: Any) -> bytes:
-    """Both parses give the same answer; that answer."""
+    """
+    The gateway's channel and request give the answer Twisted gives, with
+    its line-by-line parse and its request's own methods; so does the
+    gateway's channel with that request (a whole request taken with
+    Twisted's calls).  That answer.
+    """
     ours = exchange(GatewayChannel, reads, **kwargs)
-    test.assertEqual(ours, exchange(TwistedParse, reads, **kwargs))
+    test.assertEqual(ours, exchange(TwistedParse, reads, request_class=TwistedRequest, **kwargs))
+    test.assertEqual(ours, exchange(GatewayChannel, reads, request_class=TwistedRequest, **kwargs))
     return ours
 
 
@@ -158,6 +179,11 @@ class SameAsTwistedTests(SynchronousTestCase):
         both(self, [whole(b"GET /v1/models HTTP/1.0")])  # closed after the answer
         both(self, [whole(b"GET /v1/models HTTP/1.1\r\nConnection: close"), POST])
         both(self, [whole(b"POST /v1/x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2", b"{}")])
+        both(self, [whole(b"GET /v1/models HTTP/1.1\r\nConnection: keep-alive, close"), POST])
+        both(self, [whole(b"GET /v1/models HTTP/1.0\r\nConnection: keep-alive"), POST])
+        cookies = both(self, [whole(b"GET /v1/models?a=1&b=&a=2&c HTTP/1.1\r\nCookie: k=v; x=y\r\nCookie: z=1")])
+        self.assertIn(b'"args": [["a", ["1", "2"]], ["b", [""]]]', cookies)
+        self.assertIn(b'"cookies": [["k", "v"], ["x", "y"], ["z", "1"]]', cookies)
 
     def test_processed_as_twisted_does(self) -> None:
         for reads in ([POST], [whole(b"GET /v1/a%2Fb/c?q=1 HTTP/1.1")], [whole(b"GET / HTTP/1.1")],
@@ -194,7 +220,7 @@ class SameAsTwistedTests(SynchronousTestCase):
         version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.2"]),
         headers=st.lists(st.tuples(
             st.sampled_from([b"X-A", b"x-a", b"Content-Type", b"content-length", b"Transfer-Encoding", b"Bad Name",
-                             b" X-Folded", b"Connection", b""]),
+                             b" X-Folded", b"Connection", b"Cookie", b"Expect", b""]),
             st.sampled_from([b":", b": ", b":\t", b""]),
             st.binary(max_size=8),
         ), max_size=5),

@@ -126,35 +126,75 @@ class GatewayChannel(http.HTTPChannel):
 
     def _take(self, head: Head) -> None:
         """
-        The calls Twisted's line-by-line parse makes for C{head}, in its order:
-        the request made and given its headers, L{allHeadersReceived}, the
-        body, L{allContentReceived} (which processes the request).  Data that
-        arrives meanwhile (a response finished at once replays what was
-        buffered) waits in the line buffer, as in L{LineReceiver}.
+        What Twisted's line-by-line parse does for C{head}, in its order: the
+        request made and given its headers, L{allHeadersReceived}, the body,
+        L{allContentReceived} (which has the request processed).  For the
+        gateway's own request class, and a request that does not ask for
+        C{100 Continue}, the steps are taken here directly, each as Twisted
+        takes it (L{_take_directly}).  Data that arrives meanwhile (a response
+        finished at once replays what was buffered) waits in the line buffer,
+        as in L{LineReceiver}.
         """
         self._busyReceiving = True
         try:
             request = self.requestFactory(self, len(self.requests))
             self.requests.append(request)
-            self._HTTPChannel__first_line = 0
-            self._command, self._path, self._version = head.method, head.uri, head.version
             raw = request.requestHeaders._rawHeaders
             for name, value in head.headers:
                 raw.setdefault(name, []).append(value)
-            self._receivedHeaderCount = len(head.headers)
-            self.length = len(head.body)
-            self.allHeadersReceived()
-            if getattr(self.transport, "disconnecting", False):  # (refused: 413)
-                return
-            if head.body:
-                request.handleContentChunk(head.body)
-                self._finishRequestBody(b"")
+            if getattr(request, "received_whole", None) is not None and b"Expect" not in raw:
+                taken = self._take_directly(request, head, raw)
             else:
-                self.allContentReceived()
+                taken = self._take_as_twisted(request, head)
         finally:
             self._busyReceiving = False
-        if self._buffer:
+        if taken and self._buffer:
             super().dataReceived(b"")
+
+    def _take_as_twisted(self, request: http.Request, head: Head) -> bool:
+        """Twisted's calls for a whole request (its headers set); False if it was refused (413)."""
+        self._HTTPChannel__first_line = 0
+        self._command, self._path, self._version = head.method, head.uri, head.version
+        self._receivedHeaderCount = len(head.headers)
+        self.length = len(head.body)
+        self.allHeadersReceived()
+        if getattr(self.transport, "disconnecting", False):  # (refused: 413)
+            return False
+        if head.body:
+            request.handleContentChunk(head.body)
+            self._finishRequestBody(b"")
+        else:
+            self.allContentReceived()
+        return True
+
+    def _take_directly(self, request: Any, head: Head, raw: dict[bytes, list[bytes]]) -> bool:
+        """
+        L{allHeadersReceived}, the body and L{allContentReceived} for a
+        request that needs no C{100 Continue}, without the calls between:
+        cookies parsed and persistence checked only when a header asks for
+        it, the body handed over whole, the channel's state left as
+        L{allContentReceived} leaves it (its parse state was never changed),
+        then the request's L{received_whole<twisted_gw.web.GatewayRequest.received_whole>}.
+        """
+        if b"Cookie" in raw:
+            request.parseCookies()
+        if head.version == b"HTTP/1.1" and b"Connection" not in raw:
+            self.persistent = True
+        else:
+            self.persistent = self.checkPersistence(request, head.version)
+        body = head.body
+        request.gotLength(len(body))
+        if getattr(self.transport, "disconnecting", False):  # (refused: 413)
+            return False
+        if body:
+            request.handleContentChunk(body)
+        # allContentReceived: the idle timeout off while the request is handled, raw mode until it is done
+        if self.timeOut:
+            self._savedTimeOut = self.setTimeout(None)
+        self._handlingRequest = True
+        self.line_mode = 0
+        request.received_whole(head.method, head.uri, head.version)
+        return True
 
     def getHost(self) -> Any:
         """The local address, asked of the socket once per connection (Twisted asks it for every request)."""

@@ -296,11 +296,31 @@ class GatewayRequest(server.Request):
             self.content = BytesIO()
             self._refuse()
             return
-        super().handleContentChunk(data)
+        assert self.content is not None
+        self.content.write(data)  # (Twisted's handleContentChunk)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if not self._refused:
+            if self._parsePOSTFormSubmission:
+                super().requestReceived(command, path, version)
+            else:
+                self.received_whole(command, path, version)
+
+    def received_whole(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        L{http.Request.requestReceived} for a site that parses no forms (the
+        gateway's): the body rewound, the method, URI, version, path and query
+        arguments set, then processed.
+        """
+        if self._parsePOSTFormSubmission:  # (another site's request: Twisted's own)
             super().requestReceived(command, path, version)
+            return
+        assert self.content is not None
+        self.content.seek(0, 0)
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path, query, argstring = path.partition(b"?")
+        self.args = http.parse_qs(argstring, 1) if query else {}
+        self.process()
 
     def process(self) -> None:
         """
@@ -317,7 +337,13 @@ class GatewayRequest(server.Request):
         self.prepath = []
         self.postpath = path[1:].split(b"/")
         try:
-            found = self.site.getResourceFor(self)
+            site = self.site
+            if type(site).getResourceFor is server.Site.getResourceFor:
+                # (what it does, for a request just made: its site path is empty)
+                self.sitepath: list[bytes] = []
+                found = resource.getChildForRequest(site.resource, self)
+            else:
+                found = site.getResourceFor(self)
             if resource._IEncodingResource.providedBy(found):  # (as Twisted does; the gateway has none)
                 encoder = found.getEncoder(self)
                 if encoder is not None:
