@@ -5,13 +5,16 @@ from __future__ import annotations
 import gc
 import signal
 import threading
+from collections.abc import Mapping
 from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
+from twisted.logger import FileLogObserver
 
+from twisted_gw import logs
 from twisted_gw.accounting import Accounting
 from twisted_gw.admission import Admission
 from twisted_gw.auth import UserSet, UserSettings, UsersFile
@@ -179,13 +182,32 @@ def ledger_enabled(path: str) -> bool:
     return bool(path) and path.lower() != "none"
 
 
-def makeService(config: Config, reactor: Any = None) -> MultiService:
-    """The twistd application: the gateway and one listener per C{--listen}."""
+class GatewayTop(MultiService):
+    """
+    The service twistd runs.  Given to twistd's application, it offers it
+    C{log_observer} (L{twisted_gw.logs.offer_observer}), if any.
+    """
+
+    log_observer: Optional[FileLogObserver] = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        logs.offer_observer(parent, self.log_observer)
+
+
+def makeService(
+    config: Config, reactor: Any = None, twistd_options: Optional[Mapping[str, Any]] = None
+) -> MultiService:
+    """
+    The twistd application: the gateway and one listener per C{--listen}.
+    C{twistd_options}: twistd's own (for its log: L{twisted_gw.logs.twistd_observer}).
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    top = MultiService()
+    top = GatewayTop()
+    top.log_observer = logs.twistd_observer(twistd_options)
     gateway = Gateway(config, reactor)
     # The modules and objects made so far live as long as the process: keep
     # them out of the collector's full passes, which then walk request objects.
