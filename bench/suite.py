@@ -924,11 +924,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         for server in reversed(stopping):
             server.stop()
     rep = suite.report
-    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
+    info = {"python": platform.python_version(), "python_executable": os.path.realpath(sys.executable),
+            "python_build": " ".join(platform.python_build()), "cpus": os.cpu_count(), "machine": platform.machine(),
             "nginx": nginx_version() if "nginx" in servers else None, "git": git,
             "quick": args.quick, "seconds": round(time.time() - started, 1), "workers": args.workers}
     dirty = f" (+{len(info['git']['dirty_files'])} changed files in twisted_gw)" if info["git"]["dirty_files"] else ""
-    print(f"llmgw suite: commit {info['git']['commit']}{dirty}, Python {info['python']}, {info['cpus']} CPUs, "
+    print(f"llmgw suite: commit {info['git']['commit']}{dirty}, Python {info['python']} "
+          f"({info['python_executable']}), {info['cpus']} CPUs, "
           f"nginx {info['nginx'] or '-'} (1 worker), {'quick' if args.quick else 'full'} run "
           f"in {info['seconds']:.0f} s")
     print()
