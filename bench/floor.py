@@ -9,8 +9,10 @@ through the gateway's own upstream client (twisted_gw.httpclient, via
 twisted_gw.upstream) with none of the gateway's work: no key, queue, checks,
 usage or accounting.  Prints, against direct, the one-connection p50 and the
 server's CPU per request for GET /v1/models, a non-stream chat (sent on as
-is, not assembled) and a stream of 8 chunks.  Then a bare twisted.web server
-holds N streaming requests (headers and one comment written, as the gateway
+is, not assembled) and a stream of 8 chunks; and the same through a Twisted
+protocol that only copies bytes between the client's connection and one of
+its own to the upstream (no HTTP at all: the floor of a Twisted process in the
+path).  Then a bare twisted.web server holds N streaming requests (headers and one comment written, as the gateway
 does for a waiting client) and prints its memory per held request.
 """
 
@@ -61,6 +63,60 @@ def relay(port: int, upstream: str) -> None:
     site = server.Site(Relay())
     site.log = lambda request: None
     reactor.listenTCP(port, site, interface="127.0.0.1")
+    reactor.run()
+
+
+def tcp_relay(port: int, upstream_port: int) -> None:
+    """
+    The floor under that: a Twisted protocol copying bytes both ways between
+    each client connection and a connection of its own to the upstream, sent
+    at once (L{twisted_gw.sendnow}); no HTTP at all.
+    """
+    from twisted.internet import protocol, reactor
+
+    from twisted_gw.sendnow import write_now
+
+    class Up(protocol.Protocol):
+        def __init__(self, down: protocol.Protocol) -> None:
+            self.down = down
+
+        def connectionMade(self) -> None:
+            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]  # (as the gateway's sockets)
+
+        def dataReceived(self, data: bytes) -> None:
+            write_now(self.down.transport, data)
+
+        def connectionLost(self, reason: object = None) -> None:
+            if self.down.transport is not None:
+                self.down.transport.loseConnection()
+
+    class Down(protocol.Protocol):
+        up: Up | None = None
+        pending = b""
+
+        def connectionMade(self) -> None:
+            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+            protocol.ClientCreator(reactor, Up, self).connectTCP("127.0.0.1", upstream_port).addCallback(self._up)
+
+        def _up(self, up: Up) -> None:
+            self.up = up
+            if self.pending:
+                write_now(up.transport, self.pending)
+                self.pending = b""
+
+        def dataReceived(self, data: bytes) -> None:
+            if self.up is None:
+                self.pending += data
+            else:
+                write_now(self.up.transport, data)
+
+        def connectionLost(self, reason: object = None) -> None:
+            if self.up is not None and self.up.transport is not None:
+                self.up.transport.loseConnection()
+
+    factory = protocol.Factory()
+    factory.protocol = Down
+    reactor.listenTCP(port, factory, interface="127.0.0.1")
     reactor.run()
 
 
@@ -135,6 +191,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--relay":
         relay(int(sys.argv[2]), sys.argv[3])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--tcp-relay":
+        tcp_relay(int(sys.argv[2]), int(sys.argv[3]))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--clients":
         clients(int(sys.argv[2]), int(sys.argv[3]))
         return
@@ -151,20 +210,25 @@ def main() -> None:
     port = suite.free_port()
     bare = suite.Server("bare", [sys.executable, __file__, "--relay", str(port), f"http://127.0.0.1:{upstream.port}"],
                         port, os.path.join(work, "bare.log"))
+    tcp_port = suite.free_port()
+    tcp = suite.Server("tcp", [sys.executable, __file__, "--tcp-relay", str(tcp_port), str(upstream.port)],
+                       tcp_port, os.path.join(work, "tcp.log"))
     try:
         bare.wait_up("/health")
+        tcp.wait_up("/health")
         for name, method, path, doc in (("GET /v1/models", "GET", "/v1/models", None),
                                         ("chat non-stream", "POST", "/v1/chat/completions", chat(False)),
                                         ("chat stream (8 chunks)", "POST", "/v1/chat/completions", chat(True))):
-            times: dict[str, list[float]] = {"direct": [], "bare": []}
-            cpu = {"direct": 0.0, "bare": 0.0}
-            conns = {"direct": (BlockingClient(upstream.port), upstream), "bare": (BlockingClient(port), bare)}
+            times: dict[str, list[float]] = {"direct": [], "tcp": [], "bare": []}
+            cpu = {"direct": 0.0, "tcp": 0.0, "bare": 0.0}
+            conns = {"direct": (BlockingClient(upstream.port), upstream), "tcp": (BlockingClient(tcp_port), tcp),
+                     "bare": (BlockingClient(port), bare)}
             raws = {p: build_request(method, path, s.port, doc) for p, (_, s) in conns.items()}
             for p, (client, _) in conns.items():
                 for _ in range(100):
                     client.request(raws[p])
             for block in range(args.requests // 50):
-                for p in (("direct", "bare") if block % 2 == 0 else ("bare", "direct")):
+                for p in suite.rotate(list(conns), block):
                     client, server = conns[p]
                     c0 = server.cpu()
                     for _ in range(50):
@@ -173,11 +237,13 @@ def main() -> None:
                             raise SystemExit(f"{name} via {p}: status {response.status}")
                         times[p].append(end - start)
                     cpu[p] += server.cpu() - c0
-            d, b = statistics.median(times["direct"]) * 1e3, statistics.median(times["bare"]) * 1e3
+            d, t, b = (statistics.median(times[p]) * 1e3 for p in ("direct", "tcp", "bare"))
             n = len(times["bare"])
-            print(f"{name:24s} p50 direct {d:.3f} ms, bare relay {b:.3f} ms (+{b - d:.3f}); CPU per request: "
-                  f"upstream {cpu['direct'] / n * 1e6:.0f} us, bare relay {cpu['bare'] / n * 1e6:.0f} us", flush=True)
+            print(f"{name:24s} p50 direct {d:.3f} ms, TCP relay {t:.3f} ms (+{t - d:.3f}), bare relay {b:.3f} ms "
+                  f"(+{b - d:.3f}); CPU per request: upstream {cpu['direct'] / n * 1e6:.0f} us, TCP relay "
+                  f"{cpu['tcp'] / n * 1e6:.0f} us, bare relay {cpu['bare'] / n * 1e6:.0f} us", flush=True)
     finally:
+        tcp.stop()
         bare.stop()
         upstream.stop()
     if args.held:
