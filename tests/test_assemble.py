@@ -248,6 +248,31 @@ class AssembledResponseTests(GatewayTestCase):
         self.assertEqual(reply.code, 503)
         self.assertEqual((await reply.json())["error"]["message"], "fake failure")
 
+    async def test_a_failure_writing_the_answer_is_the_gateways_not_the_upstreams(self) -> None:
+        """
+        The answer is written as the body completes, in that call; what goes
+        wrong there is an internal error (500), not the upstream breaking off
+        (502), and the gateway goes on.
+        """
+        await self.start()
+
+        def boom(assembler: Assembler) -> bytes:
+            raise RuntimeError("assembly went wrong")
+
+        original = Assembler.body
+        Assembler.body = boom  # type: ignore[method-assign]
+        try:
+            reply = await self.chat(stream=False)
+        finally:
+            Assembler.body = original  # type: ignore[method-assign]
+        self.assertEqual(reply.code, 500)
+        self.assertEqual((await reply.json())["error"]["code"], "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        again = await self.chat(stream=False)
+        self.assertEqual(again.code, 200)
+        self.assertEqual((await again.json())["object"], "chat.completion")
+        self.assertEqual((await self.metrics())["queue"]["active"], 0)
+
     async def test_upstream_dying_is_a_502(self) -> None:
         await self.start(fake=FakeLlama(reactor, die_after=2))
         reply = await self.chat(stream=False)

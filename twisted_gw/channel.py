@@ -119,7 +119,8 @@ class GatewayChannel(http.HTTPChannel):
         ):
             head = parse_head(data, self.MAX_LENGTH, self.totalHeadersSize, self.maxHeaders)
             if head is not None:
-                self.resetTimeout()
+                # (no resetTimeout, as Twisted's dataReceived makes: the request is whole, and the idle timeout is
+                # turned off for its handling at once; one refused closes the connection)
                 self._take(head)
                 return
         super().dataReceived(data)

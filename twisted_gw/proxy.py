@@ -537,20 +537,32 @@ class Proxy:
         ex.status = 200
         ex.request.write(body)
 
-    def _copy_response_headers(self, ex: Exchange, response: IResponse, status: int,
-                               drop: frozenset[bytes] = HOP_BY_HOP) -> None:
-        request = ex.request
-        request.setResponseCode(status, response.phrase if status == response.code else None)
-        put_raw_headers(request.responseHeaders, forward_headers(
+    @staticmethod
+    def _passed_headers(response: IResponse, drop: frozenset[bytes] = HOP_BY_HOP) -> RawHeaders:
+        """The upstream's response headers that go on to the client."""
+        return forward_headers(
             response.headers.getAllRawHeaders(),
             response.headers.getRawHeaders(b"connection", []),
             drop,
-        ))
+        )
+
+    def _copy_response_headers(self, ex: Exchange, response: IResponse, status: int, headers: RawHeaders) -> None:
+        """The client's response gets C{status} and C{headers} (L{_passed_headers})."""
+        request = ex.request
+        request.setResponseCode(status, response.phrase if status == response.code else None)
+        put_raw_headers(request.responseHeaders, headers)
         ex.headers_sent = True
         ex.status = status
 
-    async def _receive(self, ex: Exchange, response: IResponse, on_data: Any, producer: bool) -> None:
-        """Deliver the upstream body to C{on_data}, under the idle timeout; cancellable."""
+    async def _receive(
+        self, ex: Exchange, response: IResponse, on_data: Any, producer: bool,
+        on_end: Optional[Callable[[None], None]] = None,
+    ) -> None:
+        """
+        Deliver the upstream body to C{on_data}, under the idle timeout;
+        cancellable.  C{on_end} is called as soon as the body is complete,
+        before this returns (it must not raise).
+        """
         idle = self._idle_timer(ex)
 
         def received(data: bytes) -> None:
@@ -558,6 +570,8 @@ class Proxy:
             on_data(data)
 
         relay = stream_body(response, received)
+        if on_end is not None:
+            relay.done.addCallback(on_end)
         if producer:
             ex.request.registerProducer(relay.producer, True)
         try:
@@ -586,23 +600,44 @@ class Proxy:
             if ex.first_token_at is None and (assembler.tokens or ex.tracker.content_chunks):
                 ex.first_token_at = self.clock.seconds()
 
+        # The answer goes out as soon as the body is complete, in the call that completes it: before the
+        # coroutine is resumed and the body's timer and delivery are wound down.  The headers passed on are picked
+        # now, while the upstream still generates.
+        headers = self._passed_headers(response, ASSEMBLED_DROP)
+        answered: list[Optional[Failure]] = []
+
+        def answer(result: None) -> None:
+            try:
+                self._answer_assembled(ex, response, assembler, headers)
+            except Exception:  # (raised below, as if the answer were written here)
+                answered.append(Failure())
+            else:
+                answered.append(None)
+            return result
+
         # What the assembler took in counts as if seen event by event.  It is counted after the answer is sent (the
         # books read it only then), and in a finally, so that a stream that broke off counts too.
         try:
-            await self._receive(ex, response, on_data, producer=False)
-            body = assembler.body()
-            status = 200
-            if assembler.error is not None:
-                code = assembler.error.get("code")
-                status = code if isinstance(code, int) and 400 <= code <= 599 else 500
-            self._copy_response_headers(ex, response, status, ASSEMBLED_DROP)
-            put_raw_headers(ex.request.responseHeaders, (
-                (b"Content-Type", (b"application/json; charset=utf-8",)), (b"Content-Length", (b"%d" % len(body),)),
-            ))
-            ex.request.write(body)
+            await self._receive(ex, response, on_data, producer=False, on_end=answer)
+            failed = answered[0] if answered else None
+            if failed is not None:
+                failed.raiseException()
         finally:
             ex.tracker.content_chunks += assembler.tokens
             ex.tracker.see_object({"usage": assembler.usage, "timings": assembler.timings})
+
+    def _answer_assembled(self, ex: Exchange, response: IResponse, assembler: Assembler, headers: RawHeaders) -> None:
+        """The JSON answer the assembled stream stands for, with its status and headers, written."""
+        body = assembler.body()
+        status = 200
+        if assembler.error is not None:
+            code = assembler.error.get("code")
+            status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+        self._copy_response_headers(ex, response, status, headers)
+        put_raw_headers(ex.request.responseHeaders, (
+            (b"Content-Type", (b"application/json; charset=utf-8",)), (b"Content-Length", (b"%d" % len(body),)),
+        ))
+        ex.request.write(body)
 
     def _stamp_first_token(self, ex: Exchange) -> None:
         if ex.first_token_at is None and ex.tracker.content_chunks:
@@ -616,7 +651,7 @@ class Proxy:
             await self._relay_error_as_event(ex, response)
             return
         if not ex.headers_sent:
-            self._copy_response_headers(ex, response, response.code)
+            self._copy_response_headers(ex, response, response.code, self._passed_headers(response))
             if event_stream:
                 for name, value in SSE_HEADERS[1:]:
                     request.setHeader(name, value)
