@@ -260,7 +260,7 @@ class AssembledResponseTests(GatewayTestCase):
             raise RuntimeError("assembly went wrong")
 
         original = Assembler.body
-        Assembler.body = boom  # type: ignore[method-assign]
+        Assembler.body = boom  # type: ignore[method-assign,assignment]
         try:
             reply = await self.chat(stream=False)
         finally:
