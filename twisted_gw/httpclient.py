@@ -100,6 +100,11 @@ class Response:
         if self._finished is not None:
             protocol.connectionLost(self._finished)
 
+    @property
+    def body_waiting(self) -> bool:
+        """Body bytes arrived before L{deliverBody}: it hands them over at once."""
+        return bool(self._early)
+
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
 

@@ -656,8 +656,10 @@ class Proxy:
                 for name, value in SSE_HEADERS[1:]:
                     request.setHeader(name, value)
             ex.event_stream = event_stream
-            # the headers go out now, as the upstream's did, not with the first chunk
-            request.write(b"")
+            if not getattr(response, "body_waiting", False):
+                # the headers go out now, as the upstream's did, not with the first chunk to come
+                request.write(b"")
+            # (else the body's first bytes came with the upstream's head: the headers go out with them, in one send)
 
         kept: list[bytes] = []
         # only generations (POST) report usage: a model list is not kept to be parsed
