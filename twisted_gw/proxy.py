@@ -652,9 +652,8 @@ class Proxy:
             return
         if not ex.headers_sent:
             self._copy_response_headers(ex, response, response.code, self._passed_headers(response))
-            if event_stream:
-                for name, value in SSE_HEADERS[1:]:
-                    request.setHeader(name, value)
+            if event_stream:  # (canonical names, plain values: set without setHeader's pass over them)
+                put_raw_headers(request.responseHeaders, ((name, (value,)) for name, value in SSE_HEADERS[1:]))
             ex.event_stream = event_stream
             if not getattr(response, "body_waiting", False):
                 # the headers go out now, as the upstream's did, not with the first chunk to come
