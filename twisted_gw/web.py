@@ -301,10 +301,7 @@ class GatewayRequest(server.Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if not self._refused:
-            if self._parsePOSTFormSubmission:
-                super().requestReceived(command, path, version)
-            else:
-                self.received_whole(command, path, version)
+            self.received_whole(command, path, version)
 
     def received_whole(self, command: bytes, path: bytes, version: bytes) -> None:
         """
