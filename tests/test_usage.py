@@ -111,6 +111,7 @@ class LedgerTests(GatewayTestCase):
         plain = Deferred.fromCoroutine(self.chat(stream=False, key=ALICE))
         self.fake.release(len(self.fake.reply))
         await (await plain).text()
+        await settle()  # (its books are kept within books_delay)
         await self.gw.gateway.ledger.flush()
         rows = sqlite3.connect(db).execute(
             "SELECT user, endpoint, model, status, prompt_tokens, completion_tokens, usage_source, ttft, cancelled "
@@ -310,6 +311,83 @@ class MetricsProtectionTests(GatewayTestCase):
         request = DummyRequest([b"metrics"])
         request.client = IPv4Address("TCP", "10.1.2.3", 40000)
         self.assertIn(b"llmgw_queue_limit", app.metrics_prometheus(request))
+
+
+class BooksTests(GatewayTestCase):
+    """
+    A request's books (totals, metrics, ledger, access line) are kept after its
+    answer, off the path of the next request: once that one is sent upstream,
+    after books_delay when none comes, and at once when something reads them.
+    """
+
+    async def start_recording(self, books_delay: float, **config: Any) -> list[dict[str, Any]]:
+        await self.start(**config)
+        self.gw.gateway.proxy.books_delay = books_delay
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return events
+
+    @staticmethod
+    def access(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in events if e.get("log_namespace") == "llmgw.access"]
+
+    async def test_kept_when_the_next_request_is_sent_upstream(self) -> None:
+        events = await self.start_recording(60, fake=FakeLlama(reactor, manual=True))
+        accounting = self.gw.gateway.accounting
+        first = await self.chat(stream=True)
+        self.fake.release(len(self.fake.reply))
+        await first.text()
+        self.assertEqual(accounting.totals.requests, 0)  # (not on the way to the next request)
+        arrived = self.fake.next_request()
+        second = Deferred.fromCoroutine(self.chat(stream=True, key=BOB))
+        await arrived
+        self.assertEqual(accounting.totals.requests, 1)
+        self.assertEqual(accounting.users["alice"].completion_tokens, 8)
+        self.assertEqual([e["user"] for e in self.access(events)], ["alice"])
+        self.fake.release(len(self.fake.reply))
+        await (await second).text()
+
+    async def test_kept_after_books_delay_when_nothing_follows(self) -> None:
+        events = await self.start_recording(0.005)
+        await (await self.chat(stream=False)).text()
+        for _ in range(100):
+            if self.gw.gateway.accounting.totals.requests:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.gw.gateway.accounting.totals.requests, 1)
+        self.assertEqual(len(self.access(events)), 1)
+
+    async def test_kept_before_they_are_read(self) -> None:
+        await self.start_recording(60)
+        await (await self.chat(stream=False)).text()
+        self.assertEqual((await self.metrics())["users"]["alice"]["requests"], 1)
+        await (await self.chat(stream=False)).text()
+        exposition = (await (await self.call("GET", "/metrics/prometheus", key=None)).text()).decode()
+        requests = {sample.labels["user"]: sample.value for family in text_string_to_metric_families(exposition)
+                    for sample in family.samples if sample.name == "llmgw_requests_total"}
+        self.assertEqual(requests, {"alice": 2.0})
+        await (await self.chat(stream=False)).text()
+        me = await (await self.call("GET", "/v1/gateway/me")).json()
+        self.assertEqual(me["usage"]["requests"], 3, me)
+
+    async def test_access_lines_stay_in_order_with_a_refusal(self) -> None:
+        events = await self.start_recording(60)
+        await (await self.chat(stream=False)).text()
+        await (await self.call("GET", "/v1/models", key="sk-nobody")).text()
+        self.assertEqual([e["status"] for e in self.access(events)], [200, 401])
+
+    async def test_times_are_those_of_the_request_not_of_the_books(self) -> None:
+        events = await self.start_recording(0.005)
+        clock = task.Clock()
+        clock.advance(1000)
+        self.gw.gateway.proxy.clock = clock
+        await (await self.chat(stream=False)).text()
+        self.assertEqual(self.access(events), [])
+        clock.advance(100)  # the books are kept (books_delay on this clock) a long while after the answer
+        [line] = self.access(events)
+        self.assertEqual(line["duration"], 0.0)
 
 
 class JsonLogTests(GatewayTestCase):

@@ -21,7 +21,6 @@ from typing import Any, Optional, TypeVar
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -46,13 +45,14 @@ from twisted_gw.checks import (
 from twisted_gw.errors import GatewayError, bad_gateway, error_document, gateway_timeout, unavailable
 from twisted_gw.httpclient import RawHeaders
 from twisted_gw.keepalive import Keepalives
+from twisted_gw.logs import QuickLogger
 from twisted_gw.memory import AfterBurst
 from twisted_gw.quota import Quotas
 from twisted_gw.routing import DOWN, LOADING, Route, model_ids, union_of_model_lists
 from twisted_gw.sendnow import send_now
 from twisted_gw.upstream import Upstream, stream_body
 
-log = Logger(namespace="llmgw.access")
+log = QuickLogger(namespace="llmgw.access")
 
 T = TypeVar("T")
 
@@ -87,6 +87,7 @@ class Exchange:
     first_token_at: Optional[float] = None
     error: Optional[str] = None
     running: bool = False  # past the queue
+    ended: Optional[float] = None  # when it was settled (its books may be kept a little later)
     ticket: Optional[Ticket] = None
     upstream: Optional[Upstream] = None  # the one it went to (last)
 
@@ -162,6 +163,12 @@ class Proxy:
     settings_for: Callable[[str], UserSettings] = lambda user: UserSettings()
     quotas: Optional[Quotas] = None
     active: set[Exchange] = attrs.Factory(set)
+    # The books of requests settled but not yet kept (see _settle), and the timer that keeps them when no
+    # request comes to keep them sooner.
+    books_delay: float = 0.005
+    _books: list[tuple[Exchange, Request]] = attrs.Factory(list)
+    _books_call: Optional[IDelayedCall] = None
+    _draining: bool = False
     _idle: list[Deferred[None]] = attrs.Factory(list)
     _by_route: dict[Route, Upstream] = attrs.field(init=False)
     keepalives: Keepalives = attrs.field(init=False)
@@ -247,13 +254,38 @@ class Proxy:
             self._settle(ex)
 
     def _settle(self, ex: Exchange) -> None:
-        """Whatever way a request ended: its place given back, its books kept."""
+        """Whatever way a request ended: its place given back, its books to be kept."""
         self._stop_keepalive(ex)
         if ex.ticket is not None:
             ex.ticket.release()
-        # The books (totals, ledger, metrics, the access line) need not hold up the answer: they are kept on
-        # the reactor's next turn, once the handler has finished the answer and sent it (web._V1Call._end).
-        self.clock.callLater(0, self._finished, ex, ex.request)
+        ex.ended = self.clock.seconds()
+        if self.quotas is not None:  # (the next request's quota check counts these tokens)
+            usage = ex.tracker.usage
+            self.quotas.used(ex.user, usage.prompt_tokens + usage.completion_tokens)
+        # The other books (totals, ledger, metrics, the access line) need not hold up this answer nor the next
+        # request: they are kept while the gateway waits anyway, once the next request has been sent upstream
+        # (_send), or after books_delay if none is; at once when something reads them (keep_books), and on the
+        # reactor's next turn while the gateway shuts down.
+        self._books.append((ex, ex.request))
+        if self._books_call is None:
+            self._books_call = self.clock.callLater(0 if self._draining else self.books_delay, self._books_due)
+
+    def _books_due(self) -> None:
+        self._books_call = None
+        self.keep_books()
+
+    def keep_books(self) -> None:
+        """Keep the books of every request settled so far: before the totals, metrics or quotas are read."""
+        while self._books:
+            books, self._books = self._books, []
+            for ex, request in books:
+                try:
+                    self._finished(ex, request)
+                except Exception:
+                    log.failure("Keeping the books of a request failed")
+        if not self.active and self._books_call is not None:  # (idle: nothing is left for the timer)
+            self._books_call.cancel()
+            self._books_call = None
 
     def _finished(self, ex: Exchange, request: Request) -> None:
         self.active.discard(ex)
@@ -477,6 +509,8 @@ class Proxy:
             raise _Unreachable(e) from None
         # (made once the request is on its way: not between the client and the upstream)
         timer = self.clock.callLater(self.upstream_timeout, self._timed_out, ex, "upstream_timeout")
+        if self._books:
+            self.keep_books()  # (while the upstream works: the gateway would only wait)
         try:
             response = await ex.wait(sent)
         except (CancelledError, GatewayError):
@@ -723,6 +757,11 @@ class Proxy:
         """
         self.admission.close()
         self.memory.stop()
+        self._draining = True
+        self.keep_books()
+        if self._books_call is not None:  # (set for books_delay: from now on books are kept at once)
+            self._books_call.cancel()
+            self._books_call = None
         if not self.active:
             return succeed(None)
         done: Deferred[None] = Deferred()
@@ -742,7 +781,7 @@ class Proxy:
 
     def _account(self, ex: Exchange, request: Request) -> None:
         """Record the finished request with every sink (totals, ledger, Prometheus) and log it."""
-        now = self.clock.seconds()
+        now = self.clock.seconds() if ex.ended is None else ex.ended
         usage = ex.tracker.usage
         ttft = None if ex.first_token_at is None else ex.first_token_at - ex.started
         generating = None if ex.first_token_at is None else now - ex.first_token_at

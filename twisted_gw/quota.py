@@ -15,7 +15,6 @@ from typing import Optional
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from twisted_gw.accounting import RequestRecord
 from twisted_gw.auth import UserSettings
 
 MINUTE = 60.0
@@ -69,14 +68,14 @@ class Quotas:
         for user, tokens in used.items():
             self._day[user] = (today, tokens)
 
-    def record(self, rec: RequestRecord) -> None:
-        tokens = rec.prompt_tokens + rec.completion_tokens
+    def used(self, user: str, tokens: int) -> None:
+        """C{user} has just used C{tokens}."""
         if not tokens:
             return
         now = self.clock.seconds()
-        self._minute.setdefault(rec.user, deque()).append((now, tokens))
-        day, used = self._day.get(rec.user, (self._today(), 0))
-        self._day[rec.user] = (self._today(), (used if day == self._today() else 0) + tokens)
+        self._minute.setdefault(user, deque()).append((now, tokens))
+        day, used = self._day.get(user, (self._today(), 0))
+        self._day[user] = (self._today(), (used if day == self._today() else 0) + tokens)
 
     def windows(self, user: str, settings: UserSettings) -> list[Window]:
         now = self.clock.seconds()

@@ -60,20 +60,33 @@ class Gateway(Service):
         self.proxy.quotas = self.quotas
         self.proxy.settings_for = self.settings_for
         self.prometheus = PrometheusMetrics(self.admission)
-        self.proxy.sinks.extend([self.prometheus.observe, self.quotas.record])
+        self.proxy.sinks.append(self.prometheus.observe)  # (quotas are told at once: Proxy._settle)
         self.ledger = Ledger(config.usage_db, reactor) if ledger_enabled(config.usage_db) else None
         if self.ledger is not None:
             self.proxy.sinks.append(self.ledger.append)
         self.app = GatewayApp(
             self.proxy,
             lambda key: self.users.current.lookup(key),
-            lambda: snapshot(self.admission, self.accounting, self.proxy, self.router),
-            self.prometheus.render,
-            lambda user: me_document(user, self.settings_for(user), self.accounting, self.admission, self.quotas),
+            self._metrics,
+            self._prometheus,
+            self._me,
             metrics_token=config.metrics_token,
             public_metrics=config.public_metrics,
         )
         self.site = GatewaySite(self.app.resource(), max_body=config.max_body)
+
+    # What the metrics endpoints read: the books of every request settled so far kept first.
+    def _metrics(self) -> dict[str, Any]:
+        self.proxy.keep_books()
+        return snapshot(self.admission, self.accounting, self.proxy, self.router)
+
+    def _prometheus(self) -> bytes:
+        self.proxy.keep_books()
+        return self.prometheus.render()
+
+    def _me(self, user: str) -> dict[str, Any]:
+        self.proxy.keep_books()
+        return me_document(user, self.settings_for(user), self.accounting, self.admission, self.quotas)
 
     def _upstream(self, url: str, slots: Optional[int]) -> Upstream:
         """One upstream; C{slots}: its places when configured (else read from llama.cpp's /props)."""

@@ -159,6 +159,7 @@ class GatewayApp:
             # (its own refusals are raised here; later errors are in its access line)
             return self.proxy.handle(request, user)
         except Exception:
+            self.proxy.keep_books()  # (the access lines of earlier requests first)
             return fail().addErrback(_log_refused, request, user)
 
     def gateway_error(self, request: IRequest, failure: Failure) -> bytes:
