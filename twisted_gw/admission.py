@@ -254,6 +254,8 @@ class Admission:
 
     def changed(self) -> None:
         """Places may have come free (a release, an upstream healthy again or with more slots): hand them out."""
+        if not self._waiters:  # (nobody to hand them to, no position to tell)
+            return
         self._dispatch()
         self._tell_positions()
 

@@ -88,12 +88,22 @@ class Exchange:
     error: Optional[str] = None
     running: bool = False  # past the queue
     ended: Optional[float] = None  # when it was settled (its books may be kept a little later)
+    quota: bool = False  # its user has a token quota (its use is counted when it is settled)
+    assembler: Optional[Assembler] = None  # what built its answer from a stream, until counted in its usage
     ticket: Optional[Ticket] = None
     upstream: Optional[Upstream] = None  # the one it went to (last)
 
     @property
     def stream(self) -> bool:
         return self.info.stream
+
+    def final_usage(self) -> sse.Usage:
+        """Its usage: what it relayed, and what an assembler took in, counted as if seen event by event."""
+        assembler, self.assembler = self.assembler, None
+        if assembler is not None:
+            self.tracker.content_chunks += assembler.tokens
+            self.tracker.see_object({"usage": assembler.usage, "timings": assembler.timings})
+        return self.tracker.usage
 
     @property
     def model(self) -> Optional[str]:
@@ -202,6 +212,7 @@ class Proxy:
             if self.quotas is not None and (
                 settings.tokens_per_minute is not None or settings.tokens_per_day is not None
             ):  # (without a quota there are neither headers nor a refusal)
+                ex.quota = True
                 self._check_quota(ex, settings)
         except GatewayError:
             unreported = self._not_admitted(Failure(), ex)  # raises it when it is to be the answer
@@ -259,8 +270,8 @@ class Proxy:
         if ex.ticket is not None:
             ex.ticket.release()
         ex.ended = self.clock.seconds()
-        if self.quotas is not None:  # (the next request's quota check counts these tokens)
-            usage = ex.tracker.usage
+        if ex.quota and self.quotas is not None:  # (its user's next request is checked with these tokens)
+            usage = ex.final_usage()
             self.quotas.used(ex.user, usage.prompt_tokens + usage.completion_tokens)
         # The other books (totals, ledger, metrics, the access line) need not hold up this answer nor the next
         # request: they are kept while the gateway waits anyway, once the next request has been sent upstream
@@ -649,16 +660,13 @@ class Proxy:
                 answered.append(None)
             return result
 
-        # What the assembler took in counts as if seen event by event.  It is counted after the answer is sent (the
-        # books read it only then), and in a finally, so that a stream that broke off counts too.
-        try:
-            await self._receive(ex, response, on_data, producer=False, on_end=answer)
-            failed = answered[0] if answered else None
-            if failed is not None:
-                failed.raiseException()
-        finally:
-            ex.tracker.content_chunks += assembler.tokens
-            ex.tracker.see_object({"usage": assembler.usage, "timings": assembler.timings})
+        # What the assembler takes in is counted in the request's usage when that is read (Exchange.final_usage),
+        # so that a stream that broke off counts too.
+        ex.assembler = assembler
+        await self._receive(ex, response, on_data, producer=False, on_end=answer)
+        failed = answered[0] if answered else None
+        if failed is not None:
+            failed.raiseException()
 
     def _answer_assembled(self, ex: Exchange, response: IResponse, assembler: Assembler, headers: RawHeaders) -> None:
         """The JSON answer the assembled stream stands for, with its status and headers, written."""
@@ -782,7 +790,9 @@ class Proxy:
     def _account(self, ex: Exchange, request: Request) -> None:
         """Record the finished request with every sink (totals, ledger, Prometheus) and log it."""
         now = self.clock.seconds() if ex.ended is None else ex.ended
-        usage = ex.tracker.usage
+        usage = ex.final_usage()
+        if not ex.quota and self.quotas is not None:  # (counted when it was settled otherwise)
+            self.quotas.used(ex.user, usage.prompt_tokens + usage.completion_tokens)
         ttft = None if ex.first_token_at is None else ex.first_token_at - ex.started
         generating = None if ex.first_token_at is None else now - ex.first_token_at
         speed = usage.completion_tokens / generating if generating and usage.completion_tokens else None
