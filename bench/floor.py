@@ -3,17 +3,18 @@ What the stack costs without the gateway: the floor under the suite's latency an
 
     python bench/floor.py [--requests N] [--held N]
 
-Starts on 127.0.0.1 the suite's upstream (bench/paced_upstream.py) and, each
-in its own process, a bare twisted.web resource that relays every request
-through the gateway's own upstream client (twisted_gw.httpclient, via
-twisted_gw.upstream) with none of the gateway's work: no key, queue, checks,
-usage or accounting.  Prints, against direct, the one-connection p50 and the
-server's CPU per request for GET /v1/models, a non-stream chat (sent on as
-is, not assembled) and a stream of 8 chunks; and the same through a Twisted
-protocol that only copies bytes between the client's connection and one of
-its own to the upstream (no HTTP at all: the floor of a Twisted process in the
-path).  Then a bare twisted.web server holds N streaming requests (headers and one comment written, as the gateway
-does for a waiting client) and prints its memory per held request.
+Starts on 127.0.0.1 the suite's upstream (bench/paced_upstream.py) and, each in its own process, a bare
+twisted.web resource that relays every request through the gateway's own upstream client (twisted_gw.httpclient,
+via twisted_gw.upstream) with none of the gateway's work: no key, queue, checks, usage or accounting. Prints,
+against direct, the one-connection p50 and the server's CPU per request for GET /v1/models, a non-stream chat
+(sent on as is, not assembled) and a stream of 8 chunks; and the same through a Twisted protocol that only
+copies bytes between the client's connection and one of its own to the upstream (no HTTP at all: the floor of a
+Twisted process in the path). For the non-stream chat also through a lean assembling server (a Twisted protocol,
+no twisted.web, Deferred, timer or books: the request's head read in one pass, its key checked, its body sent on
+as a stream, the answer assembled with the gateway's own parser and assembler) and through the gateway itself,
+in the same minutes: what the gateway's features cost over the smallest Python server doing the same work. Then
+a bare twisted.web server holds N streaming requests (headers and one comment written, as the gateway does for a
+waiting client) and prints its memory per held request.
 """
 
 from __future__ import annotations
@@ -120,6 +121,113 @@ def tcp_relay(port: int, upstream_port: int) -> None:
     reactor.run()
 
 
+def lean(port: int, upstream_port: int) -> None:
+    """
+    The smallest server that does the gateway's work for a non-stream chat: one
+    upstream connection per client connection, the request's head read in one
+    pass (twisted_gw.channel.parse_head), its key checked, its body asked for as
+    a stream with usage (twisted_gw.assemble), the chunked answer decoded, its
+    events parsed (twisted_gw.sse) and assembled (twisted_gw.assemble), the JSON
+    answer written.  Nothing else: no queue, timer, books or error handling.
+    """
+    import hashlib
+
+    from loadgen import KEY
+    from twisted.internet import protocol, reactor
+
+    from twisted_gw import fastjson
+    from twisted_gw.assemble import Assembler, as_stream_request
+    from twisted_gw.channel import parse_head
+    from twisted_gw.sendnow import write_now
+    from twisted_gw.sse import SSEParser
+
+    keys = {hashlib.sha256(KEY.encode()).digest(): "bench"}
+    host = b"127.0.0.1:%d" % upstream_port
+
+    class Up(protocol.Protocol):
+        def __init__(self, down: Down) -> None:
+            self.down = down
+            self.buf = b""
+            self.head = True
+            self.assembler = Assembler(True)
+            self.parser = SSEParser()
+
+        def connectionMade(self) -> None:
+            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+            self.down.upstream_ready(self)
+
+        def start(self) -> None:
+            self.buf, self.head, self.assembler, self.parser = b"", True, Assembler(True), SSEParser()
+
+        def dataReceived(self, data: bytes) -> None:
+            buf = self.buf + data if self.buf else data
+            if self.head:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    self.buf = buf
+                    return
+                buf, self.head = buf[end + 4:], False
+            pos, pieces, done, size = 0, [], False, len(buf)
+            while True:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                length = int(buf[pos:eol], 16)
+                if not length:
+                    done = size >= eol + 4
+                    pos = eol + 4 if done else pos
+                    break
+                end = eol + 2 + length
+                if end + 2 > size:
+                    break
+                pieces.append(buf[eol + 2:end])
+                pos = end + 2
+            self.buf = buf[pos:]
+            for event in self.parser.feed(b"".join(pieces)):
+                if event != b"[DONE]":
+                    self.assembler.feed_event(event)
+            if done:
+                body = self.assembler.body()
+                write_now(self.down.transport, b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
+                          b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+
+    class Down(protocol.Protocol):
+        up: Up | None = None
+        pending = b""
+
+        def connectionMade(self) -> None:
+            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+            protocol.ClientCreator(reactor, Up, self).connectTCP("127.0.0.1", upstream_port)
+
+        def upstream_ready(self, up: Up) -> None:
+            self.up = up
+            if self.pending:
+                self.dataReceived(self.pending)
+
+        def dataReceived(self, data: bytes) -> None:
+            if self.up is None:
+                self.pending += data
+                return
+            head = parse_head(data, 16384, 16384, 100)
+            if head is None:
+                raise ValueError("not one whole request")
+            key = dict(head.headers).get(b"Authorization", b"").partition(b" ")[2]
+            if hashlib.sha256(key).digest() not in keys:
+                raise ValueError("not the key")
+            if head.uri == b"/health":
+                write_now(self.transport, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                return
+            body = as_stream_request(fastjson.loads(head.body))
+            self.up.start()
+            write_now(self.up.transport, b"POST /v1/chat/completions HTTP/1.1\r\nHost: %b\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (host, len(body), body))
+
+    factory = protocol.Factory()
+    factory.protocol = Down
+    reactor.listenTCP(port, factory, interface="127.0.0.1")
+    reactor.run()
+
+
 def hold(count: int) -> None:
     """A bare twisted.web server holding C{count} streams; prints KB per held request."""
     from twisted.internet import reactor
@@ -191,6 +299,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--relay":
         relay(int(sys.argv[2]), sys.argv[3])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--lean":
+        lean(int(sys.argv[2]), int(sys.argv[3]))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--tcp-relay":
         tcp_relay(int(sys.argv[2]), int(sys.argv[3]))
         return
@@ -202,10 +313,14 @@ def main() -> None:
     parser.add_argument("--held", type=int, default=10000, help="streams held by the bare server (0: skip)")
     args = parser.parse_args()
 
+    import json
+
     import suite
-    from loadgen import BlockingClient, build_request, chat
+    from loadgen import KEY, BlockingClient, build_request, chat
 
     work = tempfile.mkdtemp()
+    with open(os.path.join(work, "users.json"), "w") as f:
+        json.dump({"users": {"bench": {"keys": [KEY]}}}, f)
     upstream = suite.start_upstream(work)
     port = suite.free_port()
     bare = suite.Server("bare", [sys.executable, __file__, "--relay", str(port), f"http://127.0.0.1:{upstream.port}"],
@@ -213,16 +328,25 @@ def main() -> None:
     tcp_port = suite.free_port()
     tcp = suite.Server("tcp", [sys.executable, __file__, "--tcp-relay", str(tcp_port), str(upstream.port)],
                        tcp_port, os.path.join(work, "tcp.log"))
+    lean_port = suite.free_port()
+    lean_server = suite.Server("lean", [sys.executable, __file__, "--lean", str(lean_port), str(upstream.port)],
+                               lean_port, os.path.join(work, "lean.log"))
+    gateway: suite.Server | None = None
     try:
         bare.wait_up("/health")
         tcp.wait_up("/health")
+        lean_server.wait_up("/health")
+        gateway = suite.start_gateway(work, "gateway", upstream.port, 100, 100)
         for name, method, path, doc in (("GET /v1/models", "GET", "/v1/models", None),
                                         ("chat non-stream", "POST", "/v1/chat/completions", chat(False)),
                                         ("chat stream (8 chunks)", "POST", "/v1/chat/completions", chat(True))):
-            times: dict[str, list[float]] = {"direct": [], "tcp": [], "bare": []}
-            cpu = {"direct": 0.0, "tcp": 0.0, "bare": 0.0}
             conns = {"direct": (BlockingClient(upstream.port), upstream), "tcp": (BlockingClient(tcp_port), tcp),
                      "bare": (BlockingClient(port), bare)}
+            if name == "chat non-stream":  # (the lean server does only this)
+                conns["lean"] = (BlockingClient(lean_port), lean_server)
+                conns["gateway"] = (BlockingClient(gateway.port), gateway)
+            times: dict[str, list[float]] = {p: [] for p in conns}
+            cpu = {p: 0.0 for p in conns}
             raws = {p: build_request(method, path, s.port, doc) for p, (_, s) in conns.items()}
             for p, (client, _) in conns.items():
                 for _ in range(100):
@@ -242,7 +366,15 @@ def main() -> None:
             print(f"{name:24s} p50 direct {d:.3f} ms, TCP relay {t:.3f} ms (+{t - d:.3f}), bare relay {b:.3f} ms "
                   f"(+{b - d:.3f}); CPU per request: upstream {cpu['direct'] / n * 1e6:.0f} us, TCP relay "
                   f"{cpu['tcp'] / n * 1e6:.0f} us, bare relay {cpu['bare'] / n * 1e6:.0f} us", flush=True)
+            if "lean" in times:
+                lean_p50, gateway_p50 = (statistics.median(times[p]) * 1e3 for p in ("lean", "gateway"))
+                print(f"{'':24s} lean assembling server {lean_p50:.3f} ms (+{lean_p50 - d:.3f}), gateway "
+                      f"{gateway_p50:.3f} ms (+{gateway_p50 - d:.3f}); CPU per request: lean "
+                      f"{cpu['lean'] / n * 1e6:.0f} us, gateway {cpu['gateway'] / n * 1e6:.0f} us", flush=True)
     finally:
+        if gateway is not None:
+            gateway.stop()
+        lean_server.stop()
         tcp.stop()
         bare.stop()
         upstream.stop()
