@@ -372,6 +372,13 @@ class BooksTests(GatewayTestCase):
         me = await (await self.call("GET", "/v1/gateway/me")).json()
         self.assertEqual(me["usage"]["requests"], 3, me)
 
+    async def test_kept_when_the_gateway_stops(self) -> None:
+        await self.start_recording(60)
+        await (await self.chat(stream=False)).text()
+        await self.gw.stop()
+        rows = sqlite3.connect(self.config.usage_db).execute("SELECT user, completion_tokens FROM requests").fetchall()
+        self.assertEqual(rows, [("alice", 8)])
+
     async def test_access_lines_stay_in_order_with_a_refusal(self) -> None:
         events = await self.start_recording(60)
         await (await self.chat(stream=False)).text()
