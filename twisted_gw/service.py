@@ -60,7 +60,7 @@ class Gateway(Service):
         self.proxy.quotas = self.quotas
         self.proxy.settings_for = self.settings_for
         self.prometheus = PrometheusMetrics(self.admission)
-        self.proxy.sinks.append(self.prometheus.observe)  # (quotas are told at once: Proxy._settle)
+        self.proxy.sinks.append(self.prometheus.observe)  # (the proxy tells the quotas itself: Proxy._settle)
         self.ledger = Ledger(config.usage_db, reactor) if ledger_enabled(config.usage_db) else None
         if self.ledger is not None:
             self.proxy.sinks.append(self.ledger.append)
