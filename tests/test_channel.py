@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http, resource, server
 from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyChannel
 
 from twisted_gw.channel import GatewayChannel, parse_head, put_raw_headers
 from twisted_gw.web import GatewayRequest, GatewaySite
@@ -148,6 +149,38 @@ class ParseHeadTests(SynchronousTestCase):
             whole(get + b"\r\n" + b"\r\n".join(b"X-%d: a" % i for i in range(501))),
         ]:
             self.assertIsNone(parse_head(data, *self.LIMITS), data[:80])
+
+
+class GetHeaderTests(SynchronousTestCase):
+    """GatewayRequest.getHeader answers as Twisted's does, for any headers and any name asked."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        headers=st.lists(st.tuples(
+            st.sampled_from([b"authorization", b"Authorization", b"AUTHORIZATION", b"content-type", b"x-a", b"X-A",
+                             b"x-b-c", b"X-New-" + b"N"]),
+            st.binary(max_size=6).filter(lambda v: b"\r" not in v and b"\n" not in v),
+        ), max_size=6),
+        asked=st.lists(st.one_of(
+            st.sampled_from([b"authorization", b"Authorization", b"content-type", b"Content-Type", b"x-a", b"X-A",
+                             b"x-b-c", b"x-missing", "authorization", "Content-Type", "x-a", "x-missing"]),
+            st.binary(min_size=1, max_size=6).filter(lambda n: all(33 <= c < 127 and c != 58 for c in n)),
+        ), max_size=6),
+    )
+    def test_as_twisted(self, headers: list[tuple[bytes, bytes]], asked: list[Any]) -> None:
+        request = GatewayRequest(DummyChannel())
+        for name, value in headers:
+            request.requestHeaders.addRawHeader(name, value)
+        for key in asked:
+            self.assertEqual(outcome(request.getHeader, key), outcome(http.Request.getHeader, request, key), key)
+
+
+def outcome(f: Any, *args: Any) -> tuple[str, Any]:
+    """What C{f(*args)} returns, or the type of what it raises."""
+    try:
+        return "returned", f(*args)
+    except Exception as e:
+        return "raised", type(e)
 
 
 class PutRawHeadersTests(SynchronousTestCase):

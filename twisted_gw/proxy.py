@@ -221,7 +221,9 @@ class Proxy:
             return Deferred.fromCoroutine(self._run(ex, uri, body, settings))
         waiting = self._acquire(ex, settings)
         if waiting.called and isinstance(waiting.result, Ticket):  # a place at once: nothing chained in between
-            return self._admitted(waiting.result, ex, uri, body, settings)
+            ex.ticket = waiting.result  # (what _admitted does; no keepalive was started for it)
+            ex.queue_wait = self.clock.seconds() - ex.started
+            return Deferred.fromCoroutine(self._run(ex, uri, body, settings))
         # (one callback pair on the queue's Deferred: each costs some 250 bytes while it waits)
         return waiting.addCallbacks(
             self._admitted, self._not_admitted, callbackArgs=(ex, uri, body, settings), errbackArgs=(ex,),
@@ -368,9 +370,9 @@ class Proxy:
     ) -> Deferred[Ticket]:
         """The queue's own Deferred for a place (see L{_admit})."""
         waiting = self.admission.acquire(
-            _Queued(self, ex) if ex.stream else None, user=ex.user, weight=settings.weight,
+            _Queued(self, ex) if ex.info.stream else None, user=ex.user, weight=settings.weight,
             max_concurrent=settings.max_concurrent, max_queued=settings.max_queued,
-            model=ex.model, exclude=exclude, first=bool(exclude),
+            model=ex.info.model, exclude=exclude, first=bool(exclude),
         )
         if not waiting.called:  # it waits: the body's parsed form is not kept meanwhile
             ex.info = ex.info.shed()
@@ -430,12 +432,8 @@ class Proxy:
     @staticmethod
     def _upstream_headers(request: Request, user: str) -> RawHeaders:
         """The client's headers to send on (X-Gateway-User is in REQUEST_DROP: only the gateway sets it)."""
-        incoming = request.requestHeaders
-        kept = forward_headers(
-            incoming.getAllRawHeaders(),
-            incoming.getRawHeaders(b"connection", []),
-            REQUEST_DROP,
-        )
+        raw = request.requestHeaders._rawHeaders  # (canonical names)
+        kept = forward_headers(raw.items(), raw.get(b"Connection", ()), REQUEST_DROP)
         kept.append((GATEWAY_USER_HEADER, [user.encode("utf-8")]))
         return kept
 
@@ -450,7 +448,9 @@ class Proxy:
             or self.assemble_non_stream == "never"
         ):
             return None
-        if self.assemble_non_stream == "auto" and not await self._is_llamacpp(ex, upstream):
+        if self.assemble_non_stream == "auto" and not (
+            upstream._llamacpp if upstream._llamacpp is not None else await self._is_llamacpp(ex, upstream)
+        ):
             return None
         return Assembler(chat=ASSEMBLED_PATHS[path])
 
@@ -466,7 +466,8 @@ class Proxy:
         options = info.document.get("stream_options")
         if isinstance(options, dict) and "include_usage" in options:
             return False
-        return not await self._is_llamacpp(ex, upstream)
+        known = upstream._llamacpp  # (asked once: no coroutine per request)
+        return not (known if known is not None else await self._is_llamacpp(ex, upstream))
 
     @staticmethod
     async def _is_llamacpp(ex: Exchange, upstream: Upstream) -> bool:
@@ -585,11 +586,8 @@ class Proxy:
     @staticmethod
     def _passed_headers(response: IResponse, drop: frozenset[bytes] = HOP_BY_HOP) -> RawHeaders:
         """The upstream's response headers that go on to the client."""
-        return forward_headers(
-            response.headers.getAllRawHeaders(),
-            response.headers.getRawHeaders(b"connection", []),
-            drop,
-        )
+        raw = response.headers._rawHeaders  # (canonical names)
+        return forward_headers(raw.items(), raw.get(b"Connection", ()), drop)
 
     def _copy_response_headers(self, ex: Exchange, response: IResponse, status: int, headers: RawHeaders) -> None:
         """The client's response gets C{status} and C{headers} (L{_passed_headers})."""
@@ -867,7 +865,7 @@ class _Unreachable(Exception):
 
 
 def _is_event_stream(response: IResponse) -> bool:
-    content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+    content_type = (response.headers._rawHeaders.get(b"Content-Type") or [b""])[0]  # (Headers' canonical name)
     return content_type.lower().startswith(b"text/event-stream")
 
 

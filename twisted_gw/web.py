@@ -21,6 +21,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
+from twisted.web.http_headers import _nameEncoder
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
@@ -304,6 +305,19 @@ class GatewayRequest(server.Request):
         if not self._refused:
             self.received_whole(command, path, version)
 
+    def getHeader(self, key: Any) -> Any:
+        """
+        L{http.Request.getHeader}; a bytes name seen before is looked up by the
+        canonical name Twisted's cache has for it, without C{getRawHeaders}'
+        two calls.
+        """
+        if type(key) is bytes:
+            name = _CANONICAL_NAMES.get(key)
+            if name is not None:
+                values = self.requestHeaders._rawHeaders.get(name)
+                return None if values is None else values[-1]
+        return super().getHeader(key)
+
     def received_whole(self, command: bytes, path: bytes, version: bytes) -> None:
         """
         L{http.Request.requestReceived} for a site that parses no forms (the
@@ -370,6 +384,7 @@ class GatewayRequest(server.Request):
 
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
+_CANONICAL_NAMES = _nameEncoder._canonicalHeaderCache
 
 _SERVER: bytes = server.version
 _date: tuple[int, bytes] = (0, b"")
