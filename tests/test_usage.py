@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -316,13 +317,17 @@ class MetricsProtectionTests(GatewayTestCase):
 class BooksTests(GatewayTestCase):
     """
     A request's books (totals, metrics, ledger, access line) are kept after its
-    answer, off the path of the next request: once that one is sent upstream,
-    after books_delay when none comes, and at once when something reads them.
+    answer, off the path of the next request: on the reactor's next turn; when
+    requests come back to back, once the next one is sent upstream, or after
+    books_delay when none comes; and at once when something reads them.
     """
 
-    async def start_recording(self, books_delay: float, **config: Any) -> list[dict[str, Any]]:
+    async def start_recording(self, books_delay: float, back_to_back: float = math.inf,
+                              **config: Any) -> list[dict[str, Any]]:
+        """A gateway whose requests all count as back to back (unless told), and the log events it writes."""
         await self.start(**config)
         self.gw.gateway.proxy.books_delay = books_delay
+        self.gw.gateway.proxy.back_to_back = back_to_back
         events: list[dict[str, Any]] = []
         observer = cast(ILogObserver, events.append)
         globalLogPublisher.addObserver(observer)
@@ -348,6 +353,13 @@ class BooksTests(GatewayTestCase):
         self.assertEqual([e["user"] for e in self.access(events)], ["alice"])
         self.fake.release(len(self.fake.reply))
         await (await second).text()
+
+    async def test_kept_on_the_next_turn_when_requests_are_apart(self) -> None:
+        events = await self.start_recording(60, back_to_back=0.0002)
+        for n in (1, 2):
+            await (await self.chat(stream=False)).text()  # (the test's client takes milliseconds between requests)
+            self.assertEqual(self.gw.gateway.accounting.totals.requests, n)
+            self.assertEqual(len(self.access(events)), n)
 
     async def test_kept_after_books_delay_when_nothing_follows(self) -> None:
         events = await self.start_recording(0.005)

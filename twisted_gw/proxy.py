@@ -173,11 +173,16 @@ class Proxy:
     settings_for: Callable[[str], UserSettings] = lambda user: UserSettings()
     quotas: Optional[Quotas] = None
     active: set[Exchange] = attrs.Factory(set)
-    # The books of requests settled but not yet kept (see _settle), and the timer that keeps them when no
-    # request comes to keep them sooner.
+    # When a request's books are kept (see _settle): a request that arrives within back_to_back seconds of the last
+    # one settled came back to back, and then the next books wait for the next request to be sent upstream, or for
+    # books_delay; otherwise they are kept on the reactor's next turn.
+    back_to_back: float = 0.0002
     books_delay: float = 0.005
     _books: list[tuple[Exchange, Request]] = attrs.Factory(list)
     _books_call: Optional[IDelayedCall] = None
+    _books_soon: bool = False
+    _last_settled: float = 0.0
+    _busy: bool = False
     _draining: bool = False
     _idle: list[Deferred[None]] = attrs.Factory(list)
     _by_route: dict[Route, Upstream] = attrs.field(init=False)
@@ -205,6 +210,7 @@ class Proxy:
         uri = check_uri(request.uri)
         body = request.content.read() if request.content is not None else b""
         ex = Exchange(request, user, self.clock.seconds(), info=inspect_body(body, request.getHeader(b"content-type")))
+        self._busy = ex.started - self._last_settled < self.back_to_back
         settings = self.settings_for(user)
         self.active.add(ex)
         self.memory.seen(len(self.active))
@@ -271,17 +277,26 @@ class Proxy:
         self._stop_keepalive(ex)
         if ex.ticket is not None:
             ex.ticket.release()
-        ex.ended = self.clock.seconds()
+        ex.ended = self._last_settled = self.clock.seconds()
         if ex.quota and self.quotas is not None:  # (its user's next request is checked with these tokens)
             usage = ex.final_usage()
             self.quotas.used(ex.user, usage.prompt_tokens + usage.completion_tokens)
-        # The other books (totals, ledger, metrics, the access line) need not hold up this answer nor the next
-        # request: they are kept while the gateway waits anyway, once the next request has been sent upstream
-        # (_send), or after books_delay if none is; at once when something reads them (keep_books), and on the
-        # reactor's next turn while the gateway shuts down.
+        # The other books (totals, ledger, metrics, the access line) need not hold up this answer: they are kept on
+        # the reactor's next turn, once the answer is sent, while the gateway waits for the next request.  When
+        # requests come back to back, that turn is when the next one comes in: then they are kept while the gateway
+        # waits anyway, once the next request has been sent upstream (_send), or after books_delay if none is.
+        # At once, whenever something reads them (keep_books).
         self._books.append((ex, ex.request))
-        if self._books_call is None:
-            self._books_call = self.clock.callLater(0 if self._draining else self.books_delay, self._books_due)
+        if not self._busy or self._draining:
+            if not self._books_soon:
+                self._books_soon = True
+                self.clock.callLater(0, self._books_now)
+        elif self._books_call is None:
+            self._books_call = self.clock.callLater(self.books_delay, self._books_due)
+
+    def _books_now(self) -> None:
+        self._books_soon = False
+        self.keep_books()
 
     def _books_due(self) -> None:
         self._books_call = None
@@ -765,7 +780,7 @@ class Proxy:
         self.memory.stop()
         self._draining = True
         self.keep_books()
-        if self._books_call is not None:  # (set for books_delay: from now on books are kept at once)
+        if self._books_call is not None:  # (set for books_delay: from now on books are kept on the next turn)
             self._books_call.cancel()
             self._books_call = None
         if not self.active:
