@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn, Optional
 
 import attrs
@@ -74,6 +74,13 @@ def forward_headers(
     """The headers to pass on: all but C{drop} and those named by C{Connection}."""
     skip = drop | connection_tokens(connection) if connection else drop
     return [(name, values) for name, values in raw if name.lower() not in skip]
+
+
+def forward_raw_headers(
+    raw: Mapping[bytes, Sequence[bytes]], drop: frozenset[bytes]
+) -> list[tuple[bytes, Sequence[bytes]]]:
+    """L{forward_headers} for the raw headers of a C{Headers} object (canonical names: C{Connection} is one)."""
+    return forward_headers(raw.items(), raw.get(b"Connection", ()), drop)
 
 
 @attrs.frozen

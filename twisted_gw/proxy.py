@@ -39,7 +39,7 @@ from twisted_gw.checks import (
     BodyInfo,
     check_method,
     check_uri,
-    forward_headers,
+    forward_raw_headers,
     inspect_body,
 )
 from twisted_gw.errors import GatewayError, bad_gateway, error_document, gateway_timeout, unavailable
@@ -178,7 +178,7 @@ class Proxy:
     # books_delay; otherwise they are kept on the reactor's next turn.
     back_to_back: float = 0.0002
     books_delay: float = 0.005
-    _books: list[tuple[Exchange, Request]] = attrs.Factory(list)
+    _books: list[Exchange] = attrs.Factory(list)
     _books_call: Optional[IDelayedCall] = None
     _books_soon: bool = False
     _last_settled: float = 0.0
@@ -286,7 +286,7 @@ class Proxy:
         # requests come back to back, that turn is when the next one comes in: then they are kept while the gateway
         # waits anyway, once the next request has been sent upstream (_send), or after books_delay if none is.
         # At once, whenever something reads them (keep_books).
-        self._books.append((ex, ex.request))
+        self._books.append(ex)
         if not self._busy or self._draining:
             if not self._books_soon:
                 self._books_soon = True
@@ -306,9 +306,9 @@ class Proxy:
         """Keep the books of every request settled so far: before the totals, metrics or quotas are read."""
         while self._books:
             books, self._books = self._books, []
-            for ex, request in books:
+            for ex in books:
                 try:
-                    self._finished(ex, request)
+                    self._finished(ex, ex.request)
                 except Exception:
                     log.failure("Keeping the books of a request failed")
         if not self.active and self._books_call is not None:  # (idle: nothing is left for the timer)
@@ -447,8 +447,7 @@ class Proxy:
     @staticmethod
     def _upstream_headers(request: Request, user: str) -> RawHeaders:
         """The client's headers to send on (X-Gateway-User is in REQUEST_DROP: only the gateway sets it)."""
-        raw = request.requestHeaders._rawHeaders  # (canonical names)
-        kept = forward_headers(raw.items(), raw.get(b"Connection", ()), REQUEST_DROP)
+        kept = forward_raw_headers(request.requestHeaders._rawHeaders, REQUEST_DROP)
         kept.append((GATEWAY_USER_HEADER, [user.encode("utf-8")]))
         return kept
 
@@ -463,10 +462,10 @@ class Proxy:
             or self.assemble_non_stream == "never"
         ):
             return None
-        if self.assemble_non_stream == "auto" and not (
-            upstream._llamacpp if upstream._llamacpp is not None else await self._is_llamacpp(ex, upstream)
-        ):
-            return None
+        if self.assemble_non_stream == "auto":
+            llamacpp = upstream.llamacpp  # (asked once: no coroutine per request)
+            if not (await self._ask_llamacpp(ex, upstream) if llamacpp is None else llamacpp):
+                return None
         return Assembler(chat=ASSEMBLED_PATHS[path])
 
     async def _needs_usage_injection(self, ex: Exchange, upstream: Upstream, uri: bytes, info: BodyInfo) -> bool:
@@ -481,14 +480,12 @@ class Proxy:
         options = info.document.get("stream_options")
         if isinstance(options, dict) and "include_usage" in options:
             return False
-        known = upstream._llamacpp  # (asked once: no coroutine per request)
-        return not (known if known is not None else await self._is_llamacpp(ex, upstream))
+        llamacpp = upstream.llamacpp  # (asked once: no coroutine per request)
+        return not (await self._ask_llamacpp(ex, upstream) if llamacpp is None else llamacpp)
 
     @staticmethod
-    async def _is_llamacpp(ex: Exchange, upstream: Upstream) -> bool:
-        known = upstream.llamacpp
-        if known is not None:  # asked once; no Deferred per request
-            return known
+    async def _ask_llamacpp(ex: Exchange, upstream: Upstream) -> bool:
+        """Whether C{upstream} is llama.cpp, not known yet: asked (see L{Upstream.is_llamacpp})."""
         return await ex.wait(Deferred.fromCoroutine(upstream.is_llamacpp()))
 
     async def _forward(self, ex: Exchange, uri: bytes, body: bytes, settings: UserSettings) -> None:
@@ -601,8 +598,7 @@ class Proxy:
     @staticmethod
     def _passed_headers(response: IResponse, drop: frozenset[bytes] = HOP_BY_HOP) -> RawHeaders:
         """The upstream's response headers that go on to the client."""
-        raw = response.headers._rawHeaders  # (canonical names)
-        return forward_headers(raw.items(), raw.get(b"Connection", ()), drop)
+        return forward_raw_headers(response.headers._rawHeaders, drop)
 
     def _copy_response_headers(self, ex: Exchange, response: IResponse, status: int, headers: RawHeaders) -> None:
         """The client's response gets C{status} and C{headers} (L{_passed_headers})."""

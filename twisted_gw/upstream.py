@@ -119,7 +119,7 @@ class Upstream:
             cast(IReactorTime, reactor), endpoint, max_connections, CACHED_CONNECTION_TIMEOUT
         )
         self.retries = 0
-        self._llamacpp: Optional[bool] = None
+        self.llamacpp: Optional[bool] = None  # whether it is llama.cpp, once known (see is_llamacpp)
 
     def url(self, uri: bytes) -> bytes:
         """The upstream URL for a gateway request URI (path and query, kept as sent)."""
@@ -202,18 +202,13 @@ class Upstream:
         From an answer to C{GET /props}: whether this is llama.cpp's server (it
         answers with C{total_slots}), remembered, and its slot count.
         """
-        self._llamacpp = code == 200 and isinstance(props, dict) and "total_slots" in props
-        slots = props["total_slots"] if self._llamacpp else None
+        self.llamacpp = code == 200 and isinstance(props, dict) and "total_slots" in props
+        slots = props["total_slots"] if self.llamacpp else None
         return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0 else None
 
     def failed(self, state: str = DOWN) -> None:
         """A request found it down (or loading): out of routing until a check finds it up."""
         self.route.state = state
-
-    @property
-    def llamacpp(self) -> Optional[bool]:
-        """Whether the upstream is llama.cpp, once known (see L{is_llamacpp})."""
-        return self._llamacpp
 
     async def is_llamacpp(self) -> bool:
         """
@@ -221,13 +216,13 @@ class Upstream:
         with C{total_slots}.  Remembered once known; an unreachable upstream
         counts as not llama.cpp for now and is asked again next time.
         """
-        if self._llamacpp is not None:
-            return self._llamacpp
+        if self.llamacpp is not None:
+            return self.llamacpp
         try:
             self._learn_props(*await self._get_json(b"/props"))
         except Exception:
             return False
-        return bool(self._llamacpp)
+        return bool(self.llamacpp)
 
     def close(self) -> Deferred[None]:
         return self.pool.close()
