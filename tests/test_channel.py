@@ -115,6 +115,73 @@ POST = whole(
 )
 
 
+class Held(resource.Resource):
+    """Answers nothing until the test finishes the request."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[server.Request] = []
+
+    def render(self, request: server.Request) -> Any:
+        self.requests.append(request)
+        return server.NOT_DONE_YET
+
+
+def closed_at(channel_class: type, request_class: type[GatewayRequest], script: list[tuple[float, str]]) -> float:
+    """
+    When an idle timeout of 10 s closes a connection that follows C{script}:
+    at each time, C{"request"} (a whole one arrives, and is held) or
+    C{"finish"} (the first held one is answered).
+    """
+    clock = Clock()
+    held = Held()
+    site = GatewaySite(held)
+    site.requestFactory = request_class
+    site.reactor = clock
+    site.timeOut = 10
+    site.protocol = channel_class  # type: ignore[assignment]
+    channel = site.buildProtocol(None)
+    assert channel is not None
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    for when, what in script:
+        while clock.seconds() < when and not transport.disconnecting:
+            clock.advance(0.5)
+        if transport.disconnecting:
+            break
+        if what == "request":
+            channel.dataReceived(whole(b"GET /v1/models HTTP/1.1\r\nHost: gw"))
+        else:
+            request = held.requests.pop(0)
+            request.write(b"done")
+            request.finish()
+    while not transport.disconnecting and clock.seconds() < 1000:
+        clock.advance(0.5)
+    return clock.seconds()
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    """The idle timeout (the timer is left running while a request is handled) closes when Twisted's does."""
+
+    def both(self, script: list[tuple[float, str]]) -> float:
+        ours = closed_at(GatewayChannel, GatewayRequest, script)
+        self.assertEqual(ours, closed_at(TwistedParse, TwistedRequest, script))
+        return ours
+
+    def test_idle_from_the_start(self) -> None:
+        self.assertEqual(self.both([]), 10)
+
+    def test_not_while_a_request_is_handled(self) -> None:
+        # handled for 22 s, longer than the timeout twice over; then idle for 10 s
+        self.assertEqual(self.both([(3, "request"), (25, "finish")]), 35)
+
+    def test_idle_between_requests(self) -> None:
+        self.assertEqual(self.both([(1, "request"), (2, "finish"), (11.5, "request"), (40, "finish")]), 50)
+        self.assertEqual(self.both([(1, "request"), (2, "finish"), (12.5, "request")]), 12)
+
+
 class ParseHeadTests(SynchronousTestCase):
     LIMITS = (16384, 16384, 500)
 

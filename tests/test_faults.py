@@ -178,6 +178,47 @@ class LimitTests(GatewayTestCase):
         self.assertTrue(upstream.disconnected)
         self.assertEqual((await self.metrics())["queue"]["active"], 0)
 
+    async def test_upstream_timeout_longer_than_the_idle_one_is_kept(self) -> None:
+        # One timer watches the whole request; it is first set for the shorter idle timeout, and must then wait on
+        # for the rest of the upstream's time, not cut the header wait at the idle timeout.
+        await self.start(fake=FakeLlama(reactor, header_delay=30), upstream_timeout=20, idle_timeout=5)
+        clock = task.Clock()
+        self.gw.gateway.proxy.clock = clock
+        arrived = self.fake.next_request()
+        reply_d = Deferred.fromCoroutine(self.chat(stream=False))
+        upstream = await arrived
+        (ex,) = self.gw.gateway.proxy.active
+        clock.advance(5)
+        clock.advance(14.9)
+        self.assertIsNone(ex.interrupted)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # set once more, for what is left
+        clock.advance(0.1)
+        reply = await reply_d
+        self.assertEqual(reply.code, 504)
+        self.assertEqual((await reply.json())["error"]["code"], "upstream_timeout")
+        await upstream.ended
+        self.assertTrue(upstream.disconnected)
+
+    async def test_idle_timeout_counts_from_the_last_data(self) -> None:
+        await self.start(fake=FakeLlama(reactor, manual=True), idle_timeout=60, upstream_timeout=600)
+        clock = task.Clock()
+        self.gw.gateway.proxy.clock = clock
+        reply = await self.chat(stream=True)
+        upstream = self.fake.generations[-1]
+        self.fake.release(1)
+        await reply.body.wait_for(content_needle(self.fake.reply[0]))
+        clock.advance(59)
+        self.fake.release(1)
+        await reply.body.wait_for(content_needle(self.fake.reply[1]))
+        clock.advance(59)  # 118 s after the headers, 59 after the last data
+        (ex,) = self.gw.gateway.proxy.active
+        self.assertIsNone(ex.interrupted)
+        clock.advance(1)
+        body = await reply.text()
+        self.assertEqual(json.loads(sse_data(body)[-1])["error"]["code"], "idle_timeout")
+        await upstream.ended
+        self.assertTrue(upstream.disconnected)
+
     async def test_idle_timeout_mid_stream_is_an_error_event(self) -> None:
         await self.start(fake=FakeLlama(reactor, manual=True), idle_timeout=60)
         clock = task.Clock()

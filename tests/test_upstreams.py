@@ -144,6 +144,32 @@ class ManyUpstreamsTests(GatewayTestCase):
         self.assertEqual(reply.code, 502)
         self.assertEqual((await reply.json())["error"]["code"], "upstream_unreachable")
 
+    async def test_no_timeout_while_waiting_for_another_upstream(self) -> None:
+        # A 503 from a loading upstream sends the request back to the queue; while it waits there for a place on
+        # the other one (held by a stream), the upstream timeout of its first try is not running.
+        loading = FakeLlama(reactor, loading=True)
+        good = FakeLlama(reactor, manual=True, reply=REPLY)
+        loading_url, good_url = await self.started(loading, good)
+        await self.start(fake=good, upstreams=(UpstreamSpec(loading_url, slots=4), UpstreamSpec(good_url)),
+                         upstream_timeout=20, idle_timeout=10)
+        holder = await self.chat(stream=True)  # tried on the loading one first, then the good one's only place
+        while not good.generations:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        clock = task.Clock()
+        self.gw.gateway.proxy.clock = clock
+        waiting = Deferred.fromCoroutine(self.chat(stream=False))
+        while self.gw.gateway.admission.waiting < 1:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        (ex,) = [e for e in self.gw.gateway.proxy.active if e.ticket is None]
+        clock.advance(100)
+        self.assertIsNone(ex.interrupted)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        good.release(2 * len(REPLY))
+        await holder.text()
+        reply = await waiting
+        self.assertEqual(reply.code, 200, await reply.text())
+        self.assertEqual([u["failovers"] for u in (await self.metrics())["upstreams"]], [2, 0])
+
     async def test_a_single_loading_upstream_503_is_passed_through(self) -> None:
         await self.start(fake=FakeLlama(reactor, loading=True))
         reply = await self.chat()

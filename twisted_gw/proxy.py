@@ -92,6 +92,11 @@ class Exchange:
     assembler: Optional[Assembler] = None  # what built its answer from a stream, until counted in its usage
     ticket: Optional[Ticket] = None
     upstream: Optional[Upstream] = None  # the one it went to (last)
+    # What the upstream has left to answer by (Proxy._watch): a time, the error's code, and the one timer that
+    # checks it, which only ever fires at or before that time.
+    deadline: float = 0.0
+    deadline_code: str = ""
+    timer: Optional[IDelayedCall] = None
 
     @property
     def stream(self) -> bool:
@@ -275,6 +280,7 @@ class Proxy:
     def _settle(self, ex: Exchange) -> None:
         """Whatever way a request ended: its place given back, its books to be kept."""
         self._stop_keepalive(ex)
+        self._unwatch(ex)
         if ex.ticket is not None:
             ex.ticket.release()
         ex.ended = self._last_settled = self.clock.seconds()
@@ -531,20 +537,18 @@ class Proxy:
             sent = upstream.request(ex.request.method, uri, headers, body or None)
         except Exception as e:  # (it fails its Deferred instead; as if it had)
             raise _Unreachable(e) from None
-        # (made once the request is on its way: not between the client and the upstream)
-        timer = self.clock.callLater(self.upstream_timeout, self._timed_out, ex, "upstream_timeout")
+        # (set once the request is on its way: not between the client and the upstream; the timer then watches
+        # the body too, see _receive)
+        self._watch(ex, self.upstream_timeout, "upstream_timeout")
         if self._books:
             self.keep_books()  # (while the upstream works: the gateway would only wait)
         try:
-            response = await ex.wait(sent)
+            return await ex.wait(sent), assembler, injected_usage
         except (CancelledError, GatewayError):
             raise
         except Exception as e:
+            self._unwatch(ex)  # (another upstream may be tried)
             raise _Unreachable(e) from None
-        finally:
-            if timer.active():
-                timer.cancel()
-        return response, assembler, injected_usage
 
     async def _fail_over(
         self, ex: Exchange, upstream: Upstream, tried: list[Route], settings: UserSettings,
@@ -555,6 +559,7 @@ class Proxy:
         (at the head of the queue); False when no other could serve it.  An
         unwanted C{response} is dropped.
         """
+        self._unwatch(ex)  # (no timeout while it waits for another place)
         if self.health_checks:
             upstream.failed(LOADING if response is not None else DOWN)
         candidates = self.admission.router.candidates(ex.model, tried)
@@ -617,10 +622,12 @@ class Proxy:
         cancellable.  C{on_end} is called as soon as the body is complete,
         before this returns (it must not raise).
         """
-        idle = self._idle_timer(ex)
+        self._watch(ex, self.idle_timeout, "idle_timeout")
+        clock = self.clock
+        idle_timeout = self.idle_timeout
 
         def received(data: bytes) -> None:
-            idle.reset(self.idle_timeout)
+            ex.deadline = clock.seconds() + idle_timeout  # (the timer finds it when it fires)
             on_data(data)
 
         relay = stream_body(response, received)
@@ -638,8 +645,7 @@ class Proxy:
                 "upstream_disconnected",
             ) from None
         finally:
-            if idle.active():
-                idle.cancel()
+            self._unwatch(ex)
             if producer and ex.request.channel is not None:
                 ex.request.unregisterProducer()
 
@@ -738,11 +744,39 @@ class Proxy:
         if not event_stream and size <= MAX_USAGE_BODY:
             ex.tracker.see_body(b"".join(kept))
 
-    def _idle_timer(self, ex: Exchange) -> IDelayedCall:
-        return self.clock.callLater(self.idle_timeout, self._timed_out, ex, "idle_timeout")
+    def _watch(self, ex: Exchange, seconds: float, code: str) -> None:
+        """
+        Interrupt C{ex} with C{code} (L{_timed_out}) unless C{seconds} from
+        now it is watched again or no more (L{_unwatch}).  One timer per
+        request, set once: moving the deadline later (each piece of the body
+        does) only changes C{ex.deadline}, which the timer reads when it fires.
+        It is first set no later than the idle timeout, so that the body's
+        deadlines never come before it.
+        """
+        now = self.clock.seconds()
+        ex.deadline = now + seconds
+        ex.deadline_code = code
+        if ex.timer is None:
+            ex.timer = self.clock.callLater(min(seconds, self.idle_timeout), self._deadline_reached, ex)
+        elif ex.timer.getTime() > ex.deadline:  # (sooner than it was set for: not the usual order)
+            ex.timer.reset(seconds)
+
+    def _unwatch(self, ex: Exchange) -> None:
+        timer, ex.timer = ex.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _deadline_reached(self, ex: Exchange) -> None:
+        """The timer fired: the request timed out, unless its deadline moved on since it was set."""
+        ex.timer = None
+        left = ex.deadline - self.clock.seconds()
+        if left > 0:
+            ex.timer = self.clock.callLater(left, self._deadline_reached, ex)
+        else:
+            self._timed_out(ex, ex.deadline_code)
 
     def _timed_out(self, ex: Exchange, code: str) -> None:
-        """A timer ran out (the error is only made then: most requests never need it)."""
+        """A timeout ran out (the error is only made then: most requests never need it)."""
         if code == "upstream_timeout":
             message = f"The upstream sent no response within {self.upstream_timeout:g} s."
         else:
