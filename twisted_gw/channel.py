@@ -189,22 +189,13 @@ class GatewayChannel(http.HTTPChannel):
             return False
         if body:
             request.handleContentChunk(body)
-        # allContentReceived: raw mode until the request is done.  Twisted also stops the idle timer here and
-        # sets a new one when the request is done; it is left to run instead (requestDone then only moves it
-        # later), and if it fires while a request is handled it is set again (timeoutConnection).
+        # allContentReceived: the idle timeout off while the request is handled, raw mode until it is done
         if self.timeOut:
-            self._savedTimeOut = self.timeOut
+            self._savedTimeOut = self.setTimeout(None)
         self._handlingRequest = True
         self.line_mode = 0
         request.received_whole(head.method, head.uri, head.version)
         return True
-
-    def timeoutConnection(self) -> None:
-        """The idle timeout: not while a request is handled (see L{_take_directly}); it is set again instead."""
-        if self._handlingRequest:
-            self.setTimeout(self.timeOut)
-            return
-        super().timeoutConnection()
 
     def getHost(self) -> Any:
         """The local address, asked of the socket once per connection (Twisted asks it for every request)."""
