@@ -7,8 +7,8 @@ A client that leaves cancels its request wherever it is: waiting for a place
 at the upstream's headers (connection aborted) or the body (connection
 stopped).  Timeouts and shutdown use the same path through
 L{Exchange.interrupt}, with an error to report instead.  L{Proxy._settle}
-releases the place and keeps the books in every case, the books just after
-the answer has been sent.
+releases the place and has the books kept in every case, once the answer has
+been sent (see there for when).
 """
 
 from __future__ import annotations
@@ -746,12 +746,12 @@ class Proxy:
 
     def _watch(self, ex: Exchange, seconds: float, code: str) -> None:
         """
-        Interrupt C{ex} with C{code} (L{_timed_out}) unless C{seconds} from
-        now it is watched again or no more (L{_unwatch}).  One timer per
-        request, set once: moving the deadline later (each piece of the body
-        does) only changes C{ex.deadline}, which the timer reads when it fires.
-        It is first set no later than the idle timeout, so that the body's
-        deadlines never come before it.
+        Interrupt C{ex} with C{code} (L{_timed_out}) C{seconds} from now,
+        unless it is watched again (a new deadline) or no more (L{_unwatch})
+        before then.  One timer per request, set once: moving the deadline
+        later (each piece of the body does) only changes C{ex.deadline}, which
+        the timer reads when it fires.  It is first set no later than the idle
+        timeout, so that the body's deadlines never come before it.
         """
         now = self.clock.seconds()
         ex.deadline = now + seconds
