@@ -344,7 +344,42 @@ class BadInputTests(GatewayTestCase):
         reply = await self.call("GET", "/v1/models", headers={"X-Big": ["a" * 20000]})
         self.assertEqual(reply.code, 431)
         self.assertEqual((await reply.json())["error"]["code"], "headers_too_large")
-        many = {f"X-H{i}": ["v" * 100] for i in range(200)}
+        many = {f"X-H{i}": ["v" * 100] for i in range(200)}  # each line short, 21 kB in all
         reply = await self.call("GET", "/v1/models", headers=many)
-        self.assertEqual(reply.code, 400)
+        self.assertEqual(reply.code, 431)
+        self.assertEqual((await reply.json())["error"]["code"], "headers_too_large")
+        numerous = {f"X-H{i}": ["v"] for i in range(501)}  # 4 kB, one header over the count
+        reply = await self.call("GET", "/v1/models", headers=numerous)
+        self.assertEqual(reply.code, 431)
+        self.assertEqual((await reply.json())["error"]["code"], "too_many_headers")
         self.assertEqual(self.fake.requests, [])
+
+    async def test_unreadable_requests_get_a_json_400(self) -> None:
+        await self.start()
+        port = self.gw.port.getHost().port  # type: ignore[attr-defined]
+
+        def send(data: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(data)
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+                return answer
+
+        auth = b"Authorization: Bearer " + ALICE.encode() + b"\r\n"
+        for raw in (
+            b"GET /v1/models HTTP/1.1 extra\r\nHost: x\r\n\r\n",  # a malformed request line
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",  # a malformed header
+            b"GET /v1/models HTTP/1.1\r\nBad Name: x\r\n\r\n",  # a header name that is not a token
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth
+            + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",  # a malformed chunk size
+        ):
+            answer = await deferToThread(send, raw)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:200])
+            self.assertIn(b"Connection: close", head)
+            self.assertEqual(json.loads(body)["error"]["code"], "invalid_http", raw)
+        self.assertEqual(self.fake.requests, [])
+        ok = await self.chat(stream=False)  # the gateway serves on
+        self.assertEqual(ok.code, 200)
+        await ok.text()

@@ -1,7 +1,8 @@
 """
 The gateway's HTTP/1.1 server channel: twisted.web's L{HTTPChannel}, with a
-request that arrives whole taken in one step, responses sent at once, and 431
-for an over-long header line.
+request that arrives whole taken in one step, responses sent at once, and
+OpenAI-shaped errors for requests it cannot read (431 for headers over the
+limits, 400 for the rest).
 
 Twisted reads a request line by line (L{LineReceiver}): a callback, a split of
 the rest of the buffer and a round of checks for every line, then a decoder
@@ -103,7 +104,7 @@ def parse_head(data: bytes, max_line: int, max_size: int, max_headers: int) -> O
 
 
 class GatewayChannel(http.HTTPChannel):
-    """HTTP/1.1 channel: a whole request in one step, responses sent at once, 431 for an over-long line."""
+    """HTTP/1.1 channel: a whole request in one step, answers sent at once, JSON errors for unreadable requests."""
 
     _host: Any = None  # (the local and the client's address, once per connection: see getHost, getPeer)
     _peer: Any = None
@@ -249,13 +250,33 @@ class GatewayChannel(http.HTTPChannel):
         super().requestDone(request)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        body = error_json(
-            f"A request header line is longer than {self.MAX_LENGTH} bytes.",
-            "invalid_request_error", "headers_too_large",
-        )
+        self._refuse(431, f"A request header line is longer than {self.MAX_LENGTH} bytes.", "headers_too_large")
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """
+        Twisted's answer to a request it cannot read, with an OpenAI-shaped
+        body where Twisted sends a bare C{400 Bad Request}: 431 for headers
+        over the limits in total or in number (as for an over-long line), 400
+        for the rest (a malformed request line, header or chunked body).
+        """
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self._refuse(431, f"The request headers are longer than {self.totalHeadersSize} bytes in all.",
+                         "headers_too_large")
+        elif self._receivedHeaderCount > self.maxHeaders:
+            self._refuse(431, f"The request has more than {self.maxHeaders} headers.", "too_many_headers")
+        else:
+            self._refuse(400, "The request is not valid HTTP/1.1: a malformed request line, header or chunked body.",
+                         "invalid_http")
+        self.loseConnection()
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """An error answer to a request that could not be read, the connection to be closed after it."""
+        body = error_json(message, "invalid_request_error", code)
+        reason = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}[status]
         assert self.transport is not None
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, reason, len(body), body)
         )
-        self.transport.loseConnection()
