@@ -163,7 +163,7 @@ def closed_at(channel_class: type, request_class: type[GatewayRequest], script: 
 
 
 class IdleTimeoutTests(SynchronousTestCase):
-    """The idle timeout (the timer is left running while a request is handled) closes when Twisted's does."""
+    """The idle timeout closes a connection when Twisted's does: idle at first, between requests, never in one."""
 
     def both(self, script: list[tuple[float, str]]) -> float:
         ours = closed_at(GatewayChannel, GatewayRequest, script)
