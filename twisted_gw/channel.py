@@ -273,10 +273,19 @@ class GatewayChannel(http.HTTPChannel):
 
     def _refuse(self, status: int, message: str, code: str) -> None:
         """An error answer to a request that could not be read, the connection to be closed after it."""
-        body = error_json(message, "invalid_request_error", code)
-        reason = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}[status]
         assert self.transport is not None
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (status, reason, len(body), body)
-        )
+        self.transport.write(refusal(status, message, code))
+
+
+_REASONS = {400: b"Bad Request", 413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
+
+
+def refusal(status: int, message: str, code: str) -> bytes:
+    """
+    A whole response refusing a request before any request object could
+    answer it (unreadable, or too large): an OpenAI-shaped body, and
+    C{Connection: close}, as the connection is closed after it.
+    """
+    body = error_json(message, "invalid_request_error", code)
+    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+        status, _REASONS[status], len(body), body)

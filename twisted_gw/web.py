@@ -25,7 +25,7 @@ from twisted.web.http_headers import _nameEncoder
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from twisted_gw.channel import GatewayChannel, put_raw_headers
+from twisted_gw.channel import GatewayChannel, put_raw_headers, refusal
 from twisted_gw.errors import GatewayError, error_json, unauthorized
 from twisted_gw.proxy import Proxy, log_refused
 from twisted_gw.sendnow import send_now
@@ -371,15 +371,11 @@ class GatewayRequest(server.Request):
 
     def _refuse(self) -> None:
         self._refused = True
-        body = error_json(
-            f"The request body is larger than the gateway's limit of {self._max_body()} bytes.",
-            "invalid_request_error", "request_too_large",
-        )
         assert self.channel is not None and self.channel.transport is not None
-        self.channel.transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
+        self.channel.transport.write(refusal(
+            413, f"The request body is larger than the gateway's limit of {self._max_body()} bytes.",
+            "request_too_large",
+        ))
         self.channel.transport.loseConnection()
 
 
