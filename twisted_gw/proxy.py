@@ -547,8 +547,7 @@ class Proxy:
         except (CancelledError, GatewayError):
             raise
         except Exception as e:
-            self._unwatch(ex)  # (another upstream may be tried)
-            raise _Unreachable(e) from None
+            raise _Unreachable(e) from None  # (the timer is dropped by the failover, or when it settles)
 
     async def _fail_over(
         self, ex: Exchange, upstream: Upstream, tried: list[Route], settings: UserSettings,
