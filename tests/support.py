@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -116,6 +116,17 @@ class Reply:
 
     async def json(self) -> Any:
         return json.loads(await self.body.done)
+
+    async def cut_short(self) -> bytes:
+        """
+        The body of a response that did not end as a whole one does (its
+        connection closed before the end of its framing); fails if it ended whole.
+        """
+        try:
+            whole = await self.body.done
+        except ResponseFailed:
+            return self.body.data
+        raise AssertionError(f"the response ended whole: {whole[-200:]!r}")
 
 
 class GatewayTestCase(unittest.TestCase):

@@ -9,8 +9,6 @@ from support import ALICE, BOB, GatewayTestCase, chat_body, content_needle, reac
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 
-from twisted_gw import channel
-from twisted_gw.sendnow import write_now
 from twisted_gw.testing import FakeLlama
 from twisted_gw.web import REQUEST_ATTRIBUTES
 
@@ -123,28 +121,6 @@ class ForwardingTests(GatewayTestCase):
         self.assertEqual(len(reply.headers("Date")), 1)
         self.assertEqual(len(reply.headers("Server")), 1)
         self.assertEqual(reply.header("Content-Type"), b"application/json; charset=utf-8")
-
-    async def test_an_answer_read_whole_with_its_head_leaves_in_one_send(self) -> None:
-        """
-        The upstream's head and body came in one read (the fake sends them
-        together): the client gets headers and body in one send, not the
-        headers first.  (A head that comes alone is sent at once: see the
-        streaming tests, whose reply arrives before any chunk is made.)
-        """
-        await self.start()
-        sends: list[bytes] = []
-
-        def spy(transport: object, data: bytes) -> None:
-            sends.append(data)
-            write_now(transport, data)
-
-        self.patch(channel, "write_now", spy)
-        reply = await self.call("GET", "/v1/models")
-        body = await reply.text()
-        self.assertEqual(reply.code, 200)
-        self.assertEqual(len(sends), 1, sends)
-        self.assertTrue(sends[0].startswith(b"HTTP/1.1 200 OK\r\n"))
-        self.assertTrue(sends[0].endswith(b"\r\n\r\n" + body))
 
     async def test_any_method_is_forwarded(self) -> None:
         await self.start()

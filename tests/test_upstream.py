@@ -1,82 +1,64 @@
-"""Upstream connection handling: the stale keep-alive retry (twisted #7843)."""
+"""The upstream client (treq): keep-alive connections, never a POST sent twice, the upstream's own key."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
 
-from support import ALICE, GatewayTestCase, chat_body, reactor
-from twisted.internet import endpoints
-from twisted.internet.protocol import Factory, Protocol
+from support import ALICE, BOB, GatewayTestCase, chat_body, reactor
 
-from twisted_gw.testing import FakeLlama
+from twisted_gw.testing import Answer, FakeLlama, ScriptedUpstream
 from twisted_gw.upstream import Upstream, stream_body
 
+OK = b'{"ok": true}'
+ANSWER = Answer(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(OK), OK))
+# A server that times out an idle keep-alive connection just as a request arrives: it reads it, then closes.
+DROPPED = Answer(b"", close=True)
 
-class KeepAliveThenDrop(Protocol):
-    """
-    Answers the first request on a connection and keeps it alive; closes the
-    connection without answering any later request on it, as a server does
-    that times out an idle keep-alive connection just as a request arrives.
-    """
 
-    def connectionMade(self) -> None:
-        self.buffer = b""
-        self.answered = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while b"\r\n\r\n" in self.buffer:
-            head, _, rest = self.buffer.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(rest) < length:
-                return
-            self.buffer = rest[length:]
-            self.factory.requests.append(head.split(b"\r\n")[0])
-            if self.answered and self.factory.drop_reused:
-                self.transport.loseConnection()  # type: ignore[union-attr]
-                return
-            self.answered += 1
-            body = b'{"ok": true}'
-            self.transport.write(  # type: ignore[union-attr]
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                % (len(body), body)
-            )
+def request_lines(upstream: ScriptedUpstream) -> list[bytes]:
+    return [r.split(b"\r\n", 1)[0] for r in upstream.requests]
 
 
 class StaleConnectionTests(GatewayTestCase):
-    async def start_flaky(self, drop_reused: bool = True) -> Any:
-        factory = Factory.forProtocol(KeepAliveThenDrop)
-        factory.requests = []  # type: ignore[attr-defined]
-        factory.drop_reused = drop_reused  # type: ignore[attr-defined]
-        port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-        self.addCleanup(port.stopListening)
-        await self.start(upstream=f"http://127.0.0.1:{port.getHost().port}", assemble_non_stream="never")
-        return factory
+    async def start_flaky(self) -> ScriptedUpstream:
+        upstream = ScriptedUpstream(reactor, [ANSWER], reused=DROPPED)
+        url = await upstream.start()
+        self.addCleanup(upstream.stop)
+        await self.start(upstream=url, assemble_non_stream="never")
+        return upstream
 
-    async def test_post_on_a_dropped_keepalive_connection_is_retried_once(self) -> None:
-        factory = await self.start_flaky()
+    async def test_a_post_is_never_sent_twice(self) -> None:
+        """
+        RFC 9110 9.2.2: a generation whose kept-alive connection is closed
+        before any answer may have been processed; it is a 502, not a second
+        generation.  The next request gets a new connection.
+        """
+        upstream = await self.start_flaky()
+        codes = []
         for _ in range(3):
             reply = await self.call("POST", "/v1/chat/completions", chat_body(False), key=ALICE)
-            self.assertEqual(reply.code, 200)
-            self.assertEqual(await reply.json(), {"ok": True})
-        upstream = self.gw.gateway.upstream
-        self.assertEqual(upstream.retries, 2)
-        # 3 answered, 2 dropped on reused connections
-        self.assertEqual(len(factory.requests), 5)
+            codes.append(reply.code)
+            await reply.text()
+        self.assertEqual(codes, [200, 502, 200])
+        self.assertEqual(request_lines(upstream), [b"POST /v1/chat/completions HTTP/1.1"] * 3)
         metrics = await self.metrics()
         self.assertEqual(metrics["queue"]["active"], 0)
         self.assertEqual(metrics["users"]["alice"]["requests"], 3)
 
-    async def test_a_fresh_connection_that_fails_is_not_retried(self) -> None:
+    async def test_an_idempotent_request_is_retried_on_a_new_connection(self) -> None:
+        """Twisted's pool sends a GET again when its kept-alive connection turns out stale."""
+        upstream = await self.start_flaky()
+        for _ in range(2):
+            reply = await self.call("GET", "/v1/models", key=ALICE)
+            self.assertEqual(reply.code, 200)
+            self.assertEqual(await reply.json(), {"ok": True})
+        self.assertEqual(request_lines(upstream), [b"GET /v1/models HTTP/1.1"] * 3)
+
+    async def test_an_unreachable_upstream_is_a_502(self) -> None:
         await self.start(upstream="http://127.0.0.1:1")
         reply = await self.chat(stream=False)
         self.assertEqual(reply.code, 502)
-        await reply.text()
-        self.assertEqual(self.gw.gateway.upstream.retries, 0)
+        self.assertEqual((await reply.json())["error"]["code"], "upstream_unreachable")
 
 
 class UpstreamKeyTests(GatewayTestCase):
@@ -94,3 +76,52 @@ class UpstreamKeyTests(GatewayTestCase):
             self.assertEqual(seen.getRawHeaders(b"authorization"), [b"Bearer up-secret"])
             self.assertEqual(seen.getRawHeaders(b"x-a"), [b"1"])
         self.assertEqual(headers, [(b"Authorization", [b"Bearer client"]), (b"X-A", [b"1"])])
+        self.assertEqual({tuple(r.headers.getRawHeaders(b"host") or ()) for r in fake.requests},
+                         {(fake.url.removeprefix("http://").encode(),)})
+
+
+class ClientLayersTests(GatewayTestCase):
+    """What treq's layers (cookies, redirects, gzip) must and must not do for a proxy."""
+
+    async def scripted(self, *answers: Answer) -> ScriptedUpstream:
+        upstream = ScriptedUpstream(reactor, list(answers))
+        url = await upstream.start()
+        self.addCleanup(upstream.stop)
+        await self.start(upstream=url, assemble_non_stream="never")
+        return upstream
+
+    async def test_no_cookie_travels_between_users(self) -> None:
+        upstream = await self.scripted(Answer(
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: session=alice-secret; Path=/\r\nContent-Length: 2\r\n\r\n{}"
+        ))
+        first = await self.call("GET", "/v1/models", key=ALICE)
+        self.assertEqual(first.headers("Set-Cookie"), [b"session=alice-secret; Path=/"])  # relayed to its client
+        await first.text()
+        second = await self.call("GET", "/v1/models", key=BOB)
+        await second.text()
+        self.assertEqual(len(upstream.requests), 2)
+        self.assertNotIn(b"alice-secret", upstream.requests[1])
+
+    async def test_a_redirect_is_relayed_not_followed(self) -> None:
+        upstream = await self.scripted(Answer(
+            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:1/elsewhere\r\nContent-Length: 0\r\n\r\n"
+        ))
+        reply = await self.call("POST", "/v1/chat/completions", chat_body(), key=ALICE)
+        self.assertEqual(reply.code, 307)
+        self.assertEqual(reply.header("Location"), b"http://127.0.0.1:1/elsewhere")
+        await reply.text()
+        self.assertEqual(len(upstream.requests), 1)
+
+    async def test_a_gzipped_answer_reaches_the_client_as_it_asked(self) -> None:
+        import gzip
+
+        body = json.dumps({"object": "list", "data": []}).encode()
+        packed = gzip.compress(body)
+        upstream = await self.scripted(Answer(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(packed), packed)
+        ))
+        reply = await self.call("GET", "/v1/models", key=ALICE, headers={"Accept-Encoding": ["identity"]})
+        self.assertEqual(await reply.text(), body)
+        self.assertIsNone(reply.header("Content-Encoding"))
+        self.assertIn(b"accept-encoding: gzip", upstream.requests[0].lower())

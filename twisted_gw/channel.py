@@ -25,7 +25,6 @@ from twisted.web.http import _parseRequestLine  # (a name of its own: the module
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 
 from twisted_gw.errors import error_json
-from twisted_gw.sendnow import write_now
 
 
 def put_raw_headers(headers: Headers, pairs: Iterable[tuple[bytes, Sequence[bytes]]]) -> None:
@@ -236,14 +235,16 @@ class GatewayChannel(http.HTTPChannel):
         if self._held:
             data = self._held + data
             del self._held
-        write_now(self.transport, data)
+        assert self.transport is not None
+        self.transport.write(data)
 
     def writeSequence(self, iovec: Sequence[bytes]) -> None:
         data = b"".join(iovec)
         if self._held:
             self.write(data)  # (the headers go first)
         else:
-            write_now(self.transport, data)  # (a relayed chunk: no call more than needed)
+            assert self.transport is not None
+            self.transport.write(data)
 
     def requestDone(self, request: http.Request) -> None:
         self.flush_headers()  # (a HEAD or 204 answer, which writes no body)

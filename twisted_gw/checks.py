@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn, Optional
 
 import attrs
@@ -28,7 +28,14 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"host", b"authorization", b"content-length", b"x-gateway-user", b"accept-encoding",
 }
 
+# Never copied from an upstream's response: its framing (Twisted frames what the gateway writes) and
+# the hop-by-hop headers, whatever the client library already took out.
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+
 GATEWAY_USER_HEADER = b"X-Gateway-User"
+
+# Header lines as name and values pairs.
+HeaderPairs = Sequence[tuple[bytes, Sequence[bytes]]]
 
 _ENCODED_SEPARATOR = re.compile(rb"%(2f|5c|2e)", re.IGNORECASE)
 
@@ -74,13 +81,6 @@ def forward_headers(
     """The headers to pass on: all but C{drop} and those named by C{Connection}."""
     skip = drop | connection_tokens(connection) if connection else drop
     return [(name, values) for name, values in raw if name.lower() not in skip]
-
-
-def forward_raw_headers(
-    raw: Mapping[bytes, Sequence[bytes]], drop: frozenset[bytes]
-) -> list[tuple[bytes, Sequence[bytes]]]:
-    """L{forward_headers} for the raw headers of a C{Headers} object (canonical names: C{Connection} is one)."""
-    return forward_headers(raw.items(), raw.get(b"Connection", ()), drop)
 
 
 @attrs.frozen

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, TypeVar
 
 import attrs
@@ -31,26 +31,24 @@ from twisted_gw.accounting import Accounting, RequestRecord
 from twisted_gw.admission import Admission, QueueFull, QueueTimeout, ShuttingDown, Ticket
 from twisted_gw.assemble import ASSEMBLED_PATHS, Assembler, as_stream_request, with_usage_requested
 from twisted_gw.auth import UserSettings
-from twisted_gw.channel import put_raw_headers
 from twisted_gw.checks import (
     GATEWAY_USER_HEADER,
-    HOP_BY_HOP,
     REQUEST_DROP,
+    RESPONSE_DROP,
     BodyInfo,
+    HeaderPairs,
     check_method,
     check_uri,
-    forward_raw_headers,
+    forward_headers,
     inspect_body,
 )
 from twisted_gw.errors import GatewayError, bad_gateway, error_document, gateway_timeout, unavailable
-from twisted_gw.httpclient import RawHeaders
 from twisted_gw.keepalive import Keepalives
 from twisted_gw.logs import QuickLogger
 from twisted_gw.memory import AfterBurst
 from twisted_gw.quota import Quotas
 from twisted_gw.routing import DOWN, LOADING, Route, model_ids, union_of_model_lists
-from twisted_gw.sendnow import send_now
-from twisted_gw.upstream import Upstream, stream_body
+from twisted_gw.upstream import BadUpstreamResponse, Upstream, discard, stream_body
 
 log = QuickLogger(namespace="llmgw.access")
 
@@ -150,7 +148,7 @@ class Exchange:
 
     @property
     def client_gone(self) -> bool:
-        return bool(getattr(self.request, "_disconnected", False)) or self.request.channel is None
+        return self.request.channel is None
 
     def interrupt(self, error: GatewayError) -> None:
         """Stop whatever the request waits for (a timeout, a shutdown) and report C{error}."""
@@ -273,7 +271,8 @@ class Proxy:
             raise
         except GatewayError as e:
             ex.error = e.code
-            self._report(ex, e)
+            if self._report(ex, e):
+                await self._close(ex)
         finally:
             self._settle(ex)
 
@@ -350,19 +349,40 @@ class Proxy:
             })
         return sorted(streams, key=lambda s: -s["elapsed_s"])
 
-    def _report(self, ex: Exchange, e: GatewayError) -> None:
-        """An error after the checks: as the response if none was sent yet, else in the stream."""
+    def _report(self, ex: Exchange, e: GatewayError) -> bool:
+        """
+        An error after the checks: as the response if none was sent yet, else
+        in the stream.  True when the response must end by closing the
+        connection, without the end a complete response has: a body cut
+        short (a JSON body cannot be mended; a stream gets its error event
+        first) must not look whole to the client.
+        """
         e.accounted = True
         if not ex.headers_sent:
             ex.status = e.status
             raise e
+        log.warn("{user}: {error}", user=ex.user, error=e)
         if ex.event_stream:
             ex.write_error_event(e.message, e.type, e.code or "error")
-        else:
-            # A JSON body cut short cannot be mended: close, so the client sees
-            # a broken response rather than waiting for the rest.
-            ex.request.loseConnection()
-        log.warn("{user}: {error}", user=ex.user, error=e)
+            return e.code in CUT_SHORT
+        return True
+
+    @staticmethod
+    async def _close(ex: Exchange) -> None:
+        """
+        Close the client's connection and wait until it is closed, so that
+        the response is never finished (a finished chunked response ends with
+        the terminating chunk, and would look complete).
+        """
+        request = ex.request
+        if request.channel is None:
+            return
+        closed = request.notifyFinish()
+        request.loseConnection()
+        try:
+            await closed
+        except Exception:  # (the connection lost, or this wait cancelled for it: either way, closed)
+            pass
 
     def _check_quota(self, ex: Exchange, settings: UserSettings) -> None:
         """Rate-limit headers on every response of a user with a quota; 429 when it is used up."""
@@ -451,9 +471,10 @@ class Proxy:
         self.keepalives.discard(ex)
 
     @staticmethod
-    def _upstream_headers(request: Request, user: str) -> RawHeaders:
+    def _upstream_headers(request: Request, user: str) -> list[tuple[bytes, Sequence[bytes]]]:
         """The client's headers to send on (X-Gateway-User is in REQUEST_DROP: only the gateway sets it)."""
-        kept = forward_raw_headers(request.requestHeaders._rawHeaders, REQUEST_DROP)
+        headers = request.requestHeaders
+        kept = forward_headers(headers.getAllRawHeaders(), headers.getRawHeaders(b"connection", ()), REQUEST_DROP)
         kept.append((GATEWAY_USER_HEADER, [user.encode("utf-8")]))
         return kept
 
@@ -523,7 +544,7 @@ class Proxy:
             await self._relay(ex, response, injected_usage)
 
     async def _send(
-        self, ex: Exchange, upstream: Upstream, uri: bytes, body: bytes, info: BodyInfo, headers: RawHeaders
+        self, ex: Exchange, upstream: Upstream, uri: bytes, body: bytes, info: BodyInfo, headers: HeaderPairs
     ) -> tuple[IResponse, Optional[Assembler], bool]:
         """The upstream's response (headers); L{_Unreachable} when it could not be had."""
         assembler = await self._assembly_for(ex, upstream, uri, info)
@@ -546,6 +567,8 @@ class Proxy:
             return await ex.wait(sent), assembler, injected_usage
         except (CancelledError, GatewayError):
             raise
+        except BadUpstreamResponse as e:
+            raise bad_gateway(f"The upstream's response was refused: {e}.", "upstream_bad_response") from None
         except Exception as e:
             raise _Unreachable(e) from None  # (the timer is dropped by the failover, or when it settles)
 
@@ -568,7 +591,7 @@ class Proxy:
             return False
         upstream.route.failovers += 1
         if response is not None:
-            stream_body(response, lambda data: None).done.addErrback(lambda _: None).cancel()
+            discard(response)
         log.warn("{user}: {upstream} failed, trying another upstream", user=ex.user, upstream=upstream.base_url)
         if ex.ticket is not None:
             ex.ticket.release()
@@ -600,15 +623,19 @@ class Proxy:
         ex.request.write(body)
 
     @staticmethod
-    def _passed_headers(response: IResponse, drop: frozenset[bytes] = HOP_BY_HOP) -> RawHeaders:
+    def _passed_headers(response: IResponse, drop: frozenset[bytes] = RESPONSE_DROP) -> HeaderPairs:
         """The upstream's response headers that go on to the client."""
-        return forward_raw_headers(response.headers._rawHeaders, drop)
+        return forward_headers(response.headers.getAllRawHeaders(), (), drop)
 
-    def _copy_response_headers(self, ex: Exchange, response: IResponse, status: int, headers: RawHeaders) -> None:
-        """The client's response gets C{status} and C{headers} (L{_passed_headers})."""
+    def _copy_response_headers(self, ex: Exchange, status: int, headers: HeaderPairs) -> None:
+        """
+        The client's response gets C{status}, with Twisted's own reason phrase
+        (never the upstream's text), and C{headers} (L{_passed_headers}).
+        """
         request = ex.request
-        request.setResponseCode(status, response.phrase if status == response.code else None)
-        put_raw_headers(request.responseHeaders, headers)
+        request.setResponseCode(status)
+        for name, values in headers:
+            request.responseHeaders.setRawHeaders(name, list(values))
         ex.headers_sent = True
         ex.status = status
 
@@ -667,7 +694,7 @@ class Proxy:
 
         def answer(result: None) -> None:
             try:
-                self._answer_assembled(ex, response, assembler, headers)
+                self._answer_assembled(ex, assembler, headers)
             except Exception:  # (raised below, as if the answer were written here)
                 answered.append(Failure())
             else:
@@ -682,17 +709,16 @@ class Proxy:
         if failed is not None:
             failed.raiseException()
 
-    def _answer_assembled(self, ex: Exchange, response: IResponse, assembler: Assembler, headers: RawHeaders) -> None:
+    def _answer_assembled(self, ex: Exchange, assembler: Assembler, headers: HeaderPairs) -> None:
         """The JSON answer the assembled stream stands for, with its status and headers, written."""
         body = assembler.body()
         status = 200
         if assembler.error is not None:
             code = assembler.error.get("code")
             status = code if isinstance(code, int) and 400 <= code <= 599 else 500
-        self._copy_response_headers(ex, response, status, headers)
-        put_raw_headers(ex.request.responseHeaders, (
-            (b"Content-Type", (b"application/json; charset=utf-8",)), (b"Content-Length", (b"%d" % len(body),)),
-        ))
+        self._copy_response_headers(ex, status, headers)
+        ex.request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        ex.request.setHeader(b"Content-Length", b"%d" % len(body))
         ex.request.write(body)
 
     def _stamp_first_token(self, ex: Exchange) -> None:
@@ -707,14 +733,12 @@ class Proxy:
             await self._relay_error_as_event(ex, response)
             return
         if not ex.headers_sent:
-            self._copy_response_headers(ex, response, response.code, self._passed_headers(response))
-            if event_stream:  # (canonical names, plain values: set without setHeader's pass over them)
-                put_raw_headers(request.responseHeaders, ((name, (value,)) for name, value in SSE_HEADERS[1:]))
+            self._copy_response_headers(ex, response.code, self._passed_headers(response))
+            if event_stream:
+                for name, value in SSE_HEADERS[1:]:
+                    request.setHeader(name, value)
             ex.event_stream = event_stream
-            if not getattr(response, "body_waiting", False):
-                # the headers go out now, as the upstream's did, not with the first chunk to come
-                request.write(b"")
-            # (else the body's first bytes came with the upstream's head: the headers go out with them, in one send)
+            request.write(b"")  # the headers go out now, as the upstream's did, not with the first chunk to come
 
         kept: list[bytes] = []
         # only generations (POST) report usage: a model list is not kept to be parsed
@@ -726,7 +750,6 @@ class Proxy:
         def on_data(data: bytes) -> None:
             nonlocal size
             request.write(strip(data) if strip is not None else data)
-            send_now(request.transport)  # before the work below (a stream's chunk parsed for usage)
             if event_stream:
                 for event in parser.feed(data):
                     ex.tracker.see_event(event)
@@ -883,8 +906,11 @@ class Proxy:
 # What Twisted's text observers would print as the access line's system ("namespace#level").
 ACCESS_SYSTEM = f"{log.namespace}#info"
 
+# Errors that cut an upstream body short: the client's response is closed, never finished.
+CUT_SHORT = frozenset({"upstream_disconnected", "idle_timeout"})
+
 # The assembled answer has a length and type of its own.
-ASSEMBLED_DROP = HOP_BY_HOP | {b"content-type", b"content-length", b"cache-control", b"x-accel-buffering"}
+ASSEMBLED_DROP = RESPONSE_DROP | {b"content-type", b"content-length", b"cache-control", b"x-accel-buffering"}
 
 
 class _Queued:
@@ -909,7 +935,7 @@ class _Unreachable(Exception):
 
 
 def _is_event_stream(response: IResponse) -> bool:
-    content_type = (response.headers._rawHeaders.get(b"Content-Type") or [b""])[0]  # (Headers' canonical name)
+    content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
     return content_type.lower().startswith(b"text/event-stream")
 
 

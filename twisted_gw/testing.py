@@ -21,35 +21,18 @@ from twisted.internet import endpoints
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web import resource, server
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
-from zope.interface import implementer
+
+from twisted_gw.upstream import BytesProducer
+
+__all__ = [
+    "MODEL", "Answer", "BytesProducer", "FakeLlama", "Recorded", "RunningGateway", "ScriptedUpstream", "start_gateway",
+]
 
 MODEL = "fake-llama"
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: object) -> Deferred[None]:
-        consumer.write(self._body)  # type: ignore[attr-defined]
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def _url(port: IListeningPort) -> str:
@@ -480,3 +463,86 @@ async def start_gateway(reactor: Any, config: Any) -> RunningGateway:
     endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     port = await endpoint.listen(gateway.site)
     return RunningGateway(gateway, port)
+
+
+@attrs.frozen
+class Answer:
+    """
+    What L{ScriptedUpstream} writes for one request: raw bytes (in C{pieces}
+    writes, 5 ms apart), then the connection closed or kept.
+    """
+
+    data: bytes
+    close: bool = False
+    pieces: int = 1
+
+
+class _ScriptedProtocol(Protocol):
+    """Reads requests (a head, and a body by its Content-Length) and answers each from the script."""
+
+    def __init__(self, upstream: ScriptedUpstream) -> None:
+        self.upstream = upstream
+        self.buffer = b""
+        self.answered = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, _, rest = self.buffer.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(rest) < length:
+                return
+            self.buffer = rest[length:]
+            self.upstream.requests.append(head + b"\r\n\r\n" + rest[:length])
+            answer = self.upstream.answer_for(len(self.upstream.requests) - 1, self.answered)
+            self.answered += 1
+            size = max(1, -(-len(answer.data) // answer.pieces))
+            pieces = [answer.data[i:i + size] for i in range(0, len(answer.data), size)] or [b""]
+            self._write(pieces, answer.close)
+            if answer.close:
+                return
+
+    def _write(self, pieces: list[bytes], close: bool) -> None:
+        assert self.transport is not None
+        self.transport.write(pieces[0])
+        if len(pieces) > 1:
+            self.upstream.reactor.callLater(0.005, self._write, pieces[1:], close)
+        elif close:
+            self.transport.loseConnection()
+
+
+@attrs.define(eq=False)
+class ScriptedUpstream:
+    """
+    A misbehaving upstream on 127.0.0.1: each request it reads (in any
+    connection) gets the next L{Answer} of C{answers}, the last one over and
+    over; C{reused}: what a request on a connection that has answered before
+    gets instead (say, a close without an answer, as a server that times out
+    an idle keep-alive connection does).  It records every request's bytes.
+    """
+
+    reactor: Any
+    answers: list[Answer]
+    reused: Optional[Answer] = None
+    requests: list[bytes] = attrs.Factory(list)
+    _port: Optional[IListeningPort] = None
+
+    def answer_for(self, index: int, answered_on_connection: int) -> Answer:
+        if answered_on_connection and self.reused is not None:
+            return self.reused
+        return self.answers[min(index, len(self.answers) - 1)]
+
+    async def start(self) -> str:
+        factory = Factory.forProtocol(lambda: _ScriptedProtocol(self))
+        factory.noisy = False
+        self._port = await endpoints.TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1").listen(factory)
+        return _url(self._port)
+
+    async def stop(self) -> None:
+        if self._port is not None:
+            await maybeDeferred(self._port.stopListening)
+            self._port = None

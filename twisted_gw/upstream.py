@@ -1,52 +1,60 @@
 """
-The upstream side: requests to one upstream over a pool of kept-alive
-connections (L{twisted_gw.httpclient}), body delivery to a protocol that can
+The upstream side: requests to one upstream through a C{treq.HTTPClient}
+over a persistent connection pool, bodies delivered to a protocol that can
 be stopped, and the checks that keep the upstream's L{Route} up to date.
 
-Neither treq nor Agent carries the proxied requests.  treq wraps every request
-in a shared cookie jar, a redirect follower and a gzip decoder, all of which a
-transparent proxy must not do (a cookie set for one user would be sent on
-another's request), and Agent's layers cost more than the rest of the gateway
-per relayed chunk (see L{twisted_gw.httpclient}).  L{BodyRelay} stops the
-upstream connection when a body is no longer wanted, which is how llama.cpp
-learns to stop generating.
+treq wraps every request in a cookie agent, a gzip decoder and (unless told
+not to) a redirect follower.  For a proxy: the cookie jar stores nothing, so
+no cookie travels between users; redirects are relayed, never followed; a
+gzipped answer reaches the client decoded, which every client accepts.
+L{BodyRelay} stops the upstream connection when a body is no longer wanted,
+which is how llama.cpp learns to stop generating.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any, Optional, cast
+from collections.abc import Callable, Sequence
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any, Optional
 
+import attrs
+from treq.client import HTTPClient
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import trustRootFromCertificates
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    URI,
-    BrowserLikePolicyForHTTPS,
-    RequestNotSent,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseNeverReceived,
-)
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IResponse
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
 
-from twisted_gw.httpclient import ConnectionPool, RawHeaders, send
 from twisted_gw.routing import DOWN, LOADING, OK, Route, model_ids
 from twisted_gw.tls import certificates_from_pem
 
 # A health check (or a model list asked for the union) that takes longer fails.
 CHECK_TIMEOUT = 5.0
 
-# llama.cpp's HTTP library closes idle keep-alive connections after 5 s; a POST
-# is never retried on a stale one (twisted #7843), so give them up first.
+# llama.cpp's HTTP library closes idle keep-alive connections after 5 s; a POST is never
+# retried on a stale one (twisted #7843, and RFC 9110 9.2.2), so give them up first.
 CACHED_CONNECTION_TIMEOUT = 4
+
+# An upstream response head larger than this is refused (nginx's default large buffers are 4 x 8 KB).
+MAX_HEAD = 64 * 1024
+
+# A health check's or model list's body larger than this is not read.
+MAX_CHECK_BODY = 4 * 1024 * 1024
+
+# Header lines sent to the upstream: name and values.
+HeaderPairs = Sequence[tuple[bytes, Sequence[bytes]]]
+
+
+class BadUpstreamResponse(Exception):
+    """The upstream answered with something no client should be given (a status out of range, a huge head)."""
 
 
 def tls_policy(ca_file: Optional[str]) -> BrowserLikePolicyForHTTPS:
@@ -65,17 +73,41 @@ def tls_policy(ca_file: Optional[str]) -> BrowserLikePolicyForHTTPS:
     return BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(certificates))
 
 
-def _stale_connection(e: Exception) -> bool:
+@implementer(IBodyProducer)
+class BytesProducer:
     """
-    The signature of twisted #7843: a kept-alive connection that the upstream
-    closed as idle just as the request went out.  The request was not
-    processed: nothing came back, the connection was closed cleanly or lost.
+    A request body already in memory, written as soon as the request is:
+    treq's default producer for bytes goes through a Cooperator, one reactor
+    turn later.
     """
-    if isinstance(e, (RequestNotSent, RequestTransmissionFailed)):
-        return True
-    if isinstance(e, ResponseNeverReceived):
-        return all(r.check(ConnectionDone, ConnectionLost) for r in e.reasons)
-    return False
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IAgentEndpointFactory)
+@attrs.frozen
+class _OneEndpoint:
+    """Every request of an upstream's agent goes to that upstream, whatever host its URL names."""
+
+    endpoint: IStreamClientEndpoint
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return self.endpoint
 
 
 def _host_value(uri: URI) -> bytes:
@@ -88,15 +120,51 @@ def _host_value(uri: URI) -> bytes:
     return b"%b:%d" % (host, uri.port)
 
 
+def head_size(response: IResponse) -> int:
+    """The size of a response's head as its headers would be written (status line aside)."""
+    return sum(len(name) + len(value) + 4 for name, values in response.headers.getAllRawHeaders() for value in values)
+
+
+def check_response(response: IResponse) -> IResponse:
+    """
+    C{response}, unless it is one to refuse: a status outside 100-599 (Twisted
+    would pass on C{000}), or a head over L{MAX_HEAD} however it arrived.  A
+    refused response's connection is closed.
+    """
+    if 100 <= response.code <= 599 and head_size(response) <= MAX_HEAD:
+        return response
+    discard(response)
+    if not 100 <= response.code <= 599:
+        raise BadUpstreamResponse(f"the upstream answered with the status code {response.code}")
+    raise BadUpstreamResponse(f"the upstream's response head is larger than {MAX_HEAD // 1024} KB")
+
+
+def discard(response: IResponse) -> None:
+    """Close an unwanted response's connection without reading its body."""
+    relay = stream_body(response, lambda data: None)
+    relay.done.addErrback(lambda _: None)
+    relay.done.cancel()
+
+
+def _cookie_jar() -> Any:
+    """
+    A jar that accepts no cookie: treq's cookie agent then never sends one
+    user's cookie for another.  (Any: treq's own annotation names a subclass
+    that its older releases do not have.)
+    """
+    return CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+
+
 class Upstream:
     """
-    Requests to one upstream base URL over a connection pool of its own, and
-    the checks that keep its L{Route} (health, slots, models) up to date.
+    Requests to one upstream base URL through a treq client and connection
+    pool of its own, and the checks that keep its L{Route} (health, slots,
+    models) up to date.
     """
 
     def __init__(
         self,
-        reactor: IReactorTCP,
+        reactor: Any,
         base_url: str,
         max_connections: int = 8,
         api_key: str = "",
@@ -106,62 +174,61 @@ class Upstream:
         self.reactor = reactor
         self.base_url = base_url.rstrip("/")
         self.route = Route(self.base_url, slots=slots)
-        self._authorization: Optional[tuple[bytes, list[bytes]]] = (
-            (b"Authorization", [b"Bearer " + api_key.encode("utf-8")]) if api_key else None
-        )
+        self.api_key = api_key
         uri = URI.fromBytes(self.base_url.encode("ascii"))
-        self._prefix = uri.path
         self._host = _host_value(uri)
+        # The agent connects to this upstream whatever the URL says; the URL's host is a name that
+        # never resolves, because treq's URL parser cannot take an IPv6 literal (hyperlink #68).
+        self._origin = uri.scheme + b"://upstream.invalid" + uri.path
         endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, uri.host.decode("ascii"), uri.port)
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(tls_policy(ca_file).creatorForNetloc(uri.host, uri.port), endpoint)
-        self.pool = ConnectionPool(
-            cast(IReactorTime, reactor), endpoint, max_connections, CACHED_CONNECTION_TIMEOUT
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max_connections
+        self.pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
+        self.client = HTTPClient(
+            Agent.usingEndpointFactory(reactor, _OneEndpoint(endpoint), pool=self.pool),
+            cookiejar=_cookie_jar(),
+            data_to_body_producer=BytesProducer,
         )
-        self.retries = 0
         self.llamacpp: Optional[bool] = None  # whether it is llama.cpp, once known (see is_llamacpp)
 
     def url(self, uri: bytes) -> bytes:
-        """The upstream URL for a gateway request URI (path and query, kept as sent)."""
-        return self.base_url.encode("ascii") + uri
+        """The URL treq is given for a gateway request URI (path and query, kept as sent)."""
+        return self._origin + uri
 
     def request(
-        self, method: bytes, uri: bytes, headers: RawHeaders, body: Optional[bytes]
+        self, method: bytes, uri: bytes, headers: HeaderPairs, body: Optional[bytes]
     ) -> Deferred[IResponse]:
         """
-        Send a request (C{headers}: name and values pairs, left as they are);
-        fires with the response once its headers arrived.  Cancellable.  A
-        request that failed on a reused keep-alive connection without any
-        answer is sent once more on a new one: POSTs included, which Twisted's
-        pool never retries itself.
+        Send a request (C{headers}: name and values pairs) and fire with the
+        response once its head arrived; cancelling the Deferred before then
+        closes the connection.  Never sent twice: Twisted's pool retries an
+        idempotent request without a body on a connection found stale, and
+        nothing else.  Fails with L{BadUpstreamResponse} for a response no
+        client should be given.
         """
-        target = self._prefix + uri
-        if self._authorization is not None:
-            # the upstream's own key (llama.cpp --api-key); never the client's
-            headers = [*(h for h in headers if h[0].lower() != b"authorization"), self._authorization]
-        d = send(self.pool, method, target, self._host, headers, body)
-        reused = self.pool.reused
-
-        def retry(failure: Failure) -> Any:
-            if not (reused and _stale_connection(failure.value)):  # type: ignore[arg-type]
-                return failure
-            self.retries += 1
-            return send(self.pool, method, target, self._host, headers, body)
-
-        # a plain errback, not a coroutine: cancelling d reaches the retry's Deferred too
-        return d.addErrback(retry)
+        sent = Headers()
+        for name, values in headers:
+            sent.setRawHeaders(name, list(values))
+        sent.setRawHeaders(b"Host", [self._host])
+        if self.api_key:  # the upstream's own key (llama.cpp --api-key); never the client's
+            sent.setRawHeaders(b"Authorization", [b"Bearer " + self.api_key.encode("utf-8")])
+        return self.client.request(
+            method.decode("ascii"), self.url(uri), headers=sent, data=body or None,
+            allow_redirects=False, unbuffered=True,
+        ).addCallback(check_response)
 
     def get_json(self, uri: bytes, timeout: float = CHECK_TIMEOUT) -> Deferred[tuple[int, Any]]:
         """C{GET uri}: its status and JSON body (None when not JSON), within C{timeout} seconds."""
         d = Deferred.fromCoroutine(self._get_json(uri))
-        return d.addTimeout(timeout, cast(IReactorTime, self.reactor))
+        return d.addTimeout(timeout, self.reactor)
 
     async def _get_json(self, uri: bytes) -> tuple[int, Any]:
         response = await self.request(b"GET", uri, (), None)
-        chunks: list[bytes] = []
-        await stream_body(response, chunks.append).done
+        body = await read_body(response, MAX_CHECK_BODY)
         try:
-            return response.code, json.loads(b"".join(chunks))
+            return response.code, json.loads(body)
         except ValueError:
             return response.code, None
 
@@ -185,17 +252,13 @@ class Upstream:
             if state == OK:
                 if was != OK or route.discovered is None:
                     # (re)started: it may have another build, other slots
-                    route.discovered = await self._read_props()
+                    route.discovered = self._learn_props(*await self.get_json(b"/props"))
                 code, doc = await self.get_json(b"/v1/models")
                 if code == 200:
                     route.models = model_ids(doc)
         except Exception:
             state = DOWN
         route.state = state
-
-    async def _read_props(self) -> Optional[int]:
-        """The slot count from C{GET /props} (within the check timeout); raises when unreachable."""
-        return self._learn_props(*await self.get_json(b"/props"))
 
     def _learn_props(self, code: int, props: Any) -> Optional[int]:
         """
@@ -225,29 +288,31 @@ class Upstream:
         return bool(self.llamacpp)
 
     def close(self) -> Deferred[None]:
-        return self.pool.close()
+        """Close the idle connections."""
+        return self.pool.closeCachedConnections()
 
 
 class BodyRelay(Protocol):
     """
-    Receives a response body chunk by chunk and hands each to C{on_data}.
+    Receives a response body piece by piece and hands each to C{on_data}.
 
-    L{done} fires when the body is complete and errbacks if it was cut short.
-    Cancelling L{done} closes the upstream connection, which is how llama.cpp
-    learns to stop generating.
+    L{done} fires when the body is complete and fails if it was cut short (a
+    chunked or sized body that ends early).  Cancelling L{done} closes the
+    upstream connection, which is how llama.cpp learns to stop generating.
     """
 
     def __init__(self, on_data: Callable[[bytes], None]) -> None:
-        self._on_data = on_data
+        self.on_data = on_data
         self.done: Deferred[None] = Deferred(self._cancel)
 
     def dataReceived(self, data: bytes) -> None:
-        self._on_data(data)
+        self.on_data(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
         if self.done.called:
             return
-        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # (Failure.check builds names)
+        # (a body delimited by the connection's close ends with PotentialDataLoss: whole, as far as anyone knows)
+        if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)
         else:
             self.done.errback(reason)
@@ -263,6 +328,32 @@ class BodyRelay(Protocol):
 
 
 def stream_body(response: IResponse, on_data: Callable[[bytes], None]) -> BodyRelay:
+    """Deliver C{response}'s body to C{on_data} as it arrives."""
     relay = BodyRelay(on_data)
     response.deliverBody(relay)
     return relay
+
+
+async def read_body(response: IResponse, limit: int) -> bytes:
+    """A (small) body read whole; one longer than C{limit} closes the connection and fails."""
+    chunks: list[bytes] = []
+    size = 0
+    if response.length is not UNKNOWN_LENGTH and response.length > limit:
+        discard(response)
+        raise BadUpstreamResponse(f"a body of {response.length} bytes, over {limit}")
+
+    def take(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        chunks.append(data)
+        if size > limit:
+            relay.done.cancel()
+
+    relay = stream_body(response, take)
+    try:
+        await relay.done
+    except CancelledError:
+        if size > limit:
+            raise BadUpstreamResponse(f"a body of more than {limit} bytes") from None
+        raise
+    return b"".join(chunks)

@@ -28,7 +28,6 @@ from werkzeug.exceptions import HTTPException
 from twisted_gw.channel import GatewayChannel, put_raw_headers, refusal
 from twisted_gw.errors import GatewayError, error_json, unauthorized
 from twisted_gw.proxy import Proxy, log_refused
-from twisted_gw.sendnow import send_now
 
 log = Logger(namespace="llmgw.web")
 
@@ -256,9 +255,7 @@ class _V1Call:
             if body is not None:
                 self.request.write(body)
             if not self.finished:
-                transport = self.request.transport
                 self.request.finish()
-                send_now(transport)
         except Exception:
             log.failure("Unhandled Error writing response")
 
