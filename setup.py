@@ -10,13 +10,18 @@ setup(
     python_requires=">=3.10",
     packages=["twisted_gw", "twisted.plugins"],
     package_data={"twisted_gw": ["py.typed", "static/*.html"]},
+    # Lower bounds are the oldest versions tested: tox -e oldest installs exactly these
+    # (tests/constraints-oldest.txt).
     install_requires=[
         "twisted>=25.5.0",
         "klein>=24.8.0",
         "treq>=24.9.1",
+        "werkzeug>=3.0.0",
         "pyopenssl>=24.0.0",
+        "cryptography>=41.0.5",
         "service-identity>=24.1.0",
         "attrs>=23.1.0",
+        "zope.interface>=6.0",
         "prometheus_client>=0.20.0",
         "orjson>=3.9.0",
     ],

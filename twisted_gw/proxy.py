@@ -21,6 +21,7 @@ from typing import Any, Optional, TypeVar
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -44,13 +45,12 @@ from twisted_gw.checks import (
 )
 from twisted_gw.errors import GatewayError, bad_gateway, error_document, gateway_timeout, unavailable
 from twisted_gw.keepalive import Keepalives
-from twisted_gw.logs import QuickLogger
 from twisted_gw.memory import AfterBurst
 from twisted_gw.quota import Quotas
 from twisted_gw.routing import DOWN, LOADING, Route, model_ids, union_of_model_lists
 from twisted_gw.upstream import BadUpstreamResponse, Upstream, discard, stream_body
 
-log = QuickLogger(namespace="llmgw.access")
+log = Logger(namespace="llmgw.access")
 
 T = TypeVar("T")
 
@@ -880,31 +880,18 @@ class Proxy:
         self.accounting.record(record)
         for sink in self.sinks:
             sink(record)
-        # The line is formatted here, once: Twisted's event formatter is a
-        # pure-Python string.Formatter and costs several times an f-string.
-        # Its format is the line itself (braces doubled), which the formatter
-        # copies without looking up a field, and its system is given, so it
-        # is not built from the namespace and level for every line.  The
-        # fields stay on the event for the JSON observer.
-        note = (" (cancelled)" if record.cancelled else "") + (
-            " (estimated)" if record.usage_source == "estimate" else "")
-        line = (f"{record.method} {record.path} {record.status} user={record.user} "
-                f"wait={record.queue_wait:.3f}s time={record.duration:.3f}s "
-                f"tokens={record.prompt_tokens}+{record.completion_tokens}{note}")
         log.info(
-            line.replace("{", "{{").replace("}", "}}") if "{" in line or "}" in line else line,
-            log_system=ACCESS_SYSTEM,
-            access=line,
+            "{method} {path} {status} user={user} wait={queue_wait:.3f}s time={duration:.3f}s "
+            "tokens={prompt_tokens}+{completion_tokens}{note}",
             method=record.method, path=record.path, status=record.status, user=record.user,
             model=record.model, queue_wait=record.queue_wait, ttft=record.ttft, duration=record.duration,
             prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
             tokens_per_second=record.tokens_per_second, usage_source=record.usage_source,
-            cancelled=record.cancelled, error=record.error, note=note,
+            cancelled=record.cancelled, error=record.error,
+            note=(" (cancelled)" if record.cancelled else "") + (
+                " (estimated)" if record.usage_source == "estimate" else ""),
         )
 
-
-# What Twisted's text observers would print as the access line's system ("namespace#level").
-ACCESS_SYSTEM = f"{log.namespace}#info"
 
 # Errors that cut an upstream body short: the client's response is closed, never finished.
 CUT_SHORT = frozenset({"upstream_disconnected", "idle_timeout"})

@@ -5,19 +5,17 @@ from __future__ import annotations
 import gc
 import signal
 import threading
-from collections.abc import Mapping
 from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
-from twisted.logger import FileLogObserver
 
-from twisted_gw import logs
 from twisted_gw.accounting import Accounting
 from twisted_gw.admission import Admission
 from twisted_gw.auth import UserSet, UserSettings, UsersFile
+from twisted_gw.channel import GatewaySite
 from twisted_gw.config import Config
 from twisted_gw.ledger import Ledger, load_totals
 from twisted_gw.metrics import me_document, snapshot
@@ -27,7 +25,7 @@ from twisted_gw.quota import Quotas
 from twisted_gw.routing import Router
 from twisted_gw.tls import ReloadingContextFactory, server_endpoint
 from twisted_gw.upstream import Upstream
-from twisted_gw.web import GatewayApp, GatewaySite
+from twisted_gw.web import GatewayApp
 
 
 class Gateway(Service):
@@ -195,32 +193,13 @@ def ledger_enabled(path: str) -> bool:
     return bool(path) and path.lower() != "none"
 
 
-class GatewayTop(MultiService):
-    """
-    The service twistd runs.  Given to twistd's application, it offers it
-    C{log_observer} (L{twisted_gw.logs.offer_observer}), if any.
-    """
-
-    log_observer: Optional[FileLogObserver] = None
-
-    def setServiceParent(self, parent: Any) -> None:
-        super().setServiceParent(parent)
-        logs.offer_observer(parent, self.log_observer)
-
-
-def makeService(
-    config: Config, reactor: Any = None, twistd_options: Optional[Mapping[str, Any]] = None
-) -> MultiService:
-    """
-    The twistd application: the gateway and one listener per C{--listen}.
-    C{twistd_options}: twistd's own (for its log: L{twisted_gw.logs.twistd_observer}).
-    """
+def makeService(config: Config, reactor: Any = None) -> MultiService:
+    """The twistd application: the gateway and one listener per C{--listen}."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    top = GatewayTop()
-    top.log_observer = logs.twistd_observer(twistd_options)
+    top = MultiService()
     gateway = Gateway(config, reactor)
     # The modules and objects made so far live as long as the process: keep
     # them out of the collector's full passes, which then walk request objects.

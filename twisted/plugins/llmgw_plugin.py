@@ -18,7 +18,7 @@ class _GatewayServiceMaker:
     def makeService(self, options: Options) -> Any:
         from twisted_gw.service import makeService
 
-        return makeService(options.config, twistd_options=options.parent)
+        return makeService(options.config)
 
 
 serviceMaker = _GatewayServiceMaker()
