@@ -8,8 +8,11 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["twisted_gw", "twisted.plugins"],
-    package_data={"twisted_gw": ["py.typed", "static/*.html"]},
+    packages=[
+        "twisted_gw", "twisted_gw.admission", "twisted_gw.apis", "twisted_gw.books", "twisted_gw.proxy",
+        "twisted_gw.upstream", "twisted_gw.web", "twisted.plugins",
+    ],
+    package_data={"twisted_gw": ["py.typed"], "twisted_gw.web": ["static/*.html"]},
     # Lower bounds are the oldest versions tested: tox -e oldest installs exactly these
     # (tests/constraints-oldest.txt).
     install_requires=[
@@ -23,7 +26,6 @@ setup(
         "attrs>=23.1.0",
         "zope.interface>=6.0",
         "prometheus_client>=0.20.0",
-        "orjson>=3.9.0",
     ],
     entry_points={
         "console_scripts": [

@@ -12,15 +12,8 @@ from twisted_gw.testing import FakeLlama
 
 
 async def main(reactor: Any, port: str, tokens: str = "8") -> None:
-    from twisted.internet import endpoints
-    from twisted.web import server
-
-    from twisted_gw.testing import _FakeResource
-
     fake = FakeLlama(reactor, reply=tuple(f" t{i}" for i in range(int(tokens))))
-    site = server.Site(_FakeResource(fake))
-    site.noisy = False
-    await endpoints.TCP4ServerEndpoint(reactor, int(port), interface="127.0.0.1").listen(site)
+    await fake.start(port=int(port))
     print("ready", flush=True)
     await Deferred()  # until killed
 

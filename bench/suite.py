@@ -26,7 +26,7 @@ latency, run by run for loads, the order rotating) and loads are repeated
    --max-gateway-rss-mb), RSS after; a second wave tells a leak from the
    allocator's high-water mark.
 
-Prints one table (with the issue's targets) and writes everything as JSON.
+Prints one table (with the budget's targets) and writes everything as JSON.
 Warns when the numbers look unreliable: direct not beating the gateway, direct
 short of the offered rate, a load worker on the CPU most of its run, the VM
 losing CPU time to steal.  Every load is bounded in count and time; nothing
@@ -202,7 +202,7 @@ def start_upstream(work: str) -> Server:
     return server
 
 
-def start_gateway(work: str, name: str, upstream: int, max_concurrent: int, max_queue: int,
+def start_gateway(work: str, name: str, upstream: int, max_concurrent: int | str, max_queue: int,
                   env: Optional[dict[str, str]] = None, extra: Sequence[str] = ()) -> Server:
     """
     C{twistd -n llmgw} in front of C{upstream}; C{env}: its environment (another source tree on PYTHONPATH);
@@ -418,14 +418,16 @@ class Suite:
                 rep.row(name, "first data p99 ms", {p: med[p]["ttfb_p99_ms"] for p in self.paths}, digits=3)
                 added = {p: med[p]["ttfb_p50_ms"] - med["direct"]["ttfb_p50_ms"] for p in self.paths if p != "direct"}
                 g = added.get("gateway", math.nan)
-                rep.row(name, "added TTFB p50 ms", added, ratios=False, target="<= 0.5", met=g <= 0.5, digits=3)
+                rep.row(name, "added TTFB p50 ms", added, ratios=False, target="<= 1.0", met=g <= 1.0, digits=3)
                 rep.row(name, "end p50 ms", {p: med[p]["p50_ms"] for p in self.paths}, digits=3)
             else:
                 rep.row(name, "p50 ms", {p: med[p]["p50_ms"] for p in self.paths}, digits=3)
                 rep.row(name, "p99 ms", {p: med[p]["p99_ms"] for p in self.paths}, digits=3)
                 added = {p: med[p]["p50_ms"] - med["direct"]["p50_ms"] for p in self.paths if p != "direct"}
                 g = added.get("gateway", math.nan)
-                rep.row(name, "added p50 ms", added, ratios=False, target="<= 0.5", met=g <= 0.5, digits=3)
+                budget = "chat" in name  # (the budget names the chat; a model list is shown beside it)
+                rep.row(name, "added p50 ms", added, ratios=False, target="<= 1.5 (goal 1.0)" if budget else "",
+                        met=g <= 1.5 if budget else None, digits=3)
             rep.row(name, "CPU us/request", {p: med[p]["cpu_us"] for p in self.paths}, digits=0)
             key = "ttfb_p50_ms" if stream else "p50_ms"
             if med["gateway"][key] <= med["direct"][key]:
@@ -535,15 +537,11 @@ class Suite:
             delivered = {p: med[p]["delivered_pct"] for p in self.paths}
             d, g = delivered["direct"], delivered.get("gateway", math.nan)
             gaps = {p: med[p]["gap_p99_ms"] for p in self.paths}
-            if streams <= 100:
-                rep.row(name, "delivered % of offered", delivered, digits=1, target=">= 99.5",
-                        met=g >= 99.5)
-                rep.row(name, "p99 longest gap ms", gaps, digits=1, target="<= 1.2x direct",
-                        met=gaps.get("gateway", math.nan) <= 1.2 * gaps["direct"])
-            else:
-                rep.row(name, "delivered % of offered", delivered, digits=1, target=">= 0.95x direct",
-                        met=g >= 0.95 * d)
-                rep.row(name, "p99 longest gap ms", gaps, digits=1)
+            budget = streams == 400  # (the budget's row; others are shown beside it)
+            rep.row(name, "delivered % of offered", delivered, digits=1, target=">= 99" if budget else "",
+                    met=g >= 99 if budget else None)
+            rep.row(name, "p99 longest gap ms", gaps, digits=1, target="goal <= 2x direct" if budget else "",
+                    met=gaps.get("gateway", math.nan) <= 2 * gaps["direct"] if budget else None)
             rep.row(name, "streams unfinished at end", {p: med[p]["unfinished"] for p in self.paths}, digits=0,
                     ratios=False)
             rep.row(name, "server CPU % of a core", {p: med[p]["cpu_pct"] for p in self.paths}, digits=0)
@@ -608,7 +606,9 @@ class Suite:
             rep = self.report
             rep.row(name, "chunks/s", {p: med[p]["chunks_per_s"] for p in self.paths}, digits=0)
             cpu = {p: med[p]["cpu_us_per_chunk"] for p in self.paths}
-            rep.row(name, "CPU us/chunk", cpu, digits=1, target="<= 10", met=cpu.get("gateway", math.nan) <= 10)
+            budget = streams == 1
+            rep.row(name, "CPU us/chunk", cpu, digits=1, target="<= 15" if budget else "",
+                    met=cpu.get("gateway", math.nan) <= 15 if budget else None)
             if med["direct"]["chunks_per_s"] <= med["gateway"]["chunks_per_s"]:
                 rep.warn(f"{name}: direct is not faster than the gateway: the client or upstream is the bottleneck")
         self.report.raw["unpaced"] = out
@@ -681,8 +681,8 @@ class Suite:
         rep.row(name, "seconds to queue all", gv(first["queue_seconds"]), ratios=False, digits=1)
         rep.row(name, "RSS before MB", gv(before / 1024), ratios=False, digits=1)
         rep.row(name, "RSS while waiting MB", gv(first["rss_while_kb"] / 1024), ratios=False, digits=1)
-        rep.row(name, "KB per waiting client", gv(per_client), ratios=False, digits=1, target="<= 8",
-                met=per_client <= 8)
+        rep.row(name, "KB per waiting client", gv(per_client), ratios=False, digits=1, target="<= 16",
+                met=per_client <= 16)
         rep.row(name, "/health p50 ms idle", gv(result["health_idle"]["p50_ms"]), ratios=False, digits=3)
         health = first["health_while"]
         rep.row(name, "/health p50 ms waiting", gv(health["p50_ms"]), ratios=False, digits=3)
@@ -815,11 +815,12 @@ def _dechunk(body: bytes) -> bytes:
     return b"".join(out)
 
 
-TARGETS = """Targets (the performance issue):
-  added p50 non-stream <= 0.5 ms; added TTFB <= 0.5 ms;
-  100 paced streams: 100% delivered (>= 99.5% here: window edges) and p99 longest gap within 1.2x of direct;
-  400 paced streams: >= 95% of direct's delivered rate; CPU per relayed chunk <= 10 us;
-  10k waiting clients: <= 8 KB each, /health p99 < 5 ms."""
+TARGETS = """The budget (bench/README.md):
+  chat non-stream, 1 connection, added p50 <= 1.5 ms (goal 1.0); stream time to first byte, added p50 <= 1.0 ms;
+  CPU per relayed chunk (unpaced, 1 stream) <= 15 us;
+  400 paced streams, 20 ms apart: >= 99% delivered, p99 longest gap beside direct's (goal <= 2x);
+  10,000 streams waiting in the queue: <= 16 KB each, /health p99 < 5 ms.
+  (The real llama-server row is bench/llama.py's.)"""
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

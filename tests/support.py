@@ -142,7 +142,8 @@ class GatewayTestCase(unittest.TestCase):
         self.addCleanup(self.pool.closeCachedConnections)
 
     async def start(self, fake: Optional[FakeLlama] = None, users: Optional[dict[str, Any]] = None,
-                    **config: Any) -> None:
+                    clock: Optional[task.Clock] = None, **config: Any) -> None:
+        """Start the fake upstream (unless started) and a gateway; C{clock}: the gateway's time (else the reactor's)."""
         self.fake = fake or FakeLlama(reactor)
         if not self.fake.listening:
             await self.fake.start()
@@ -155,7 +156,7 @@ class GatewayTestCase(unittest.TestCase):
         config.setdefault("upstream_check_interval", 0)  # no background requests unless a test wants them
         config.setdefault("queue_update_interval", 0)  # every position change told at once, as tests expect
         self.config = Config(users_file=self.users_path, **config)
-        self.gw = await start_gateway(reactor, self.config)
+        self.gw = await start_gateway(reactor, self.config, clock)
         self.addCleanup(self.gw.stop)
 
     async def call(self, method: str, path: str, body: Optional[bytes] = None, key: Optional[str] = ALICE,

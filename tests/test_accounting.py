@@ -6,9 +6,10 @@ import attrs
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_gw.accounting import Accounting, RequestRecord, UserTotals
 from twisted_gw.admission import Admission
-from twisted_gw.metrics import snapshot
+from twisted_gw.books.accounting import Accounting, UserTotals
+from twisted_gw.books.metrics import snapshot
+from twisted_gw.books.record import RequestRecord
 
 
 def record(user: str, prompt: int, completion: int, duration: float) -> RequestRecord:

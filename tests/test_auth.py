@@ -10,7 +10,8 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from twisted_gw.auth import UserSettings, UsersFile, UsersFileError, parse_users
+from twisted_gw.admission import UserSettings
+from twisted_gw.web.users import UsersFile, UsersFileError, parse_users
 
 
 def run_now(f, *args):  # type: ignore[no-untyped-def]

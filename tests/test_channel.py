@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http, resource, server
 
-from twisted_gw.channel import GatewayChannel, GatewayRequest, GatewaySite
+from twisted_gw.web.site import GatewayChannel, GatewayRequest, GatewaySite
 
 
 class Echo(resource.Resource):

@@ -12,7 +12,7 @@ import sys
 import yaml
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from twisted_gw.auth import parse_users
+from twisted_gw.web.users import parse_users
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCKER = os.path.join(ROOT, "docker")

@@ -287,9 +287,8 @@ class QueueTests(GatewayTestCase):
         await second.text()
 
     async def test_keepalive_comments_while_waiting(self) -> None:
-        await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1)
         clock = task.Clock()
-        self.gw.gateway.proxy.clock = self.gw.gateway.proxy.keepalives.clock = clock
+        await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1, clock=clock)
         first = await self.chat(stream=True)
         second = await self.chat(stream=True)
         await second.body.wait_for(b": queue position=1\n\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_gw.keepalive import Keepalives
+from twisted_gw.admission.keepalive import Keepalives
 
 
 class KeepalivesTests(SynchronousTestCase):

@@ -15,8 +15,9 @@ from typing import Any
 from support import ALICE, BOB, GatewayTestCase
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_gw.auth import UserSet, UserSettings, parse_users
+from twisted_gw.admission import UserSettings
 from twisted_gw.keys import main
+from twisted_gw.web.users import UserSet, parse_users
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import gc
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_gw.memory import AfterBurst, give_back
+from twisted_gw.proxy.memory import AfterBurst, give_back
 
 
 class AfterBurstTests(SynchronousTestCase):

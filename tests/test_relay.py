@@ -138,12 +138,11 @@ class CutShortTests(RelayTestCase):
         self.assertEqual(body, b'9\r\n{"partial\r\n')  # what arrived, and no terminating chunk
 
     async def test_a_silent_json_body_cut_by_the_idle_timeout_never_reaches_the_client_whole(self) -> None:
+        clock = task.Clock()
         upstream = await self.scripted(Answer(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"5\r\n{\"a\":\r\n"  # and then nothing more, the connection kept open
-        ), idle_timeout=30)
-        clock = task.Clock()
-        self.gw.gateway.proxy.clock = clock
+        ), idle_timeout=30, clock=clock)
         reply = await self.call("POST", "/v1/chat/completions", chat_body(False))
         await reply.body.wait_for(b'{"a":')
         clock.advance(30)

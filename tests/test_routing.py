@@ -9,7 +9,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_gw.admission import Admission, Ticket
-from twisted_gw.routing import DOWN, LOADING, OK, Route, Router, union_of_model_lists
+from twisted_gw.admission.routing import DOWN, LOADING, OK, Route, Router
+from twisted_gw.apis.models import union_of_model_lists
 
 
 def routes(*places: int) -> list[Route]:

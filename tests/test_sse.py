@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_gw.assemble import Assembler
-from twisted_gw.fastjson import loads
-from twisted_gw.sse import SSEParser, Usage, UsageTracker, comment, queue_position_comment, usage_from_object
+from twisted_gw.apis.assemble import Assembler
+from twisted_gw.apis.sse import SSEParser, comment, queue_position_comment
+from twisted_gw.apis.usage import Usage, UsageTracker, usage_from_object
 
 payloads = st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]), max_size=40)
 
@@ -103,7 +103,7 @@ class UsageTests(SynchronousTestCase):
         assembler = Assembler(chat=True)
         for event in events:
             raw.see_event(event)
-            assembler.feed(loads(event))
+            assembler.feed(json.loads(event))
         # as the proxy hands it over (twisted_gw/proxy.py, Proxy._assemble)
         assembled.content_chunks += assembler.tokens
         assembled.see_object({"usage": assembler.usage, "timings": assembler.timings})

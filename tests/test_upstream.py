@@ -61,6 +61,35 @@ class StaleConnectionTests(GatewayTestCase):
         self.assertEqual((await reply.json())["error"]["code"], "upstream_unreachable")
 
 
+class StreamsCloseTests(GatewayTestCase):
+    async def test_a_server_that_closes_after_each_stream_loses_no_generation(self) -> None:
+        """
+        llama.cpp closes its connection after a streamed answer without saying
+        so: each stream asks for the close, so none is sent on such a connection.
+        """
+        event = b'data: {"choices":[{"delta":{"content":"Hi"},"index":0}]}\n\ndata: [DONE]\n\n'
+        props = b'{"total_slots": 1}'  # (asked first: llama.cpp answers JSON on a connection it keeps)
+        upstream = ScriptedUpstream(reactor, [Answer(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(props), props)
+        ), Answer(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event), close=True,
+        )])
+        url = await upstream.start()
+        self.addCleanup(upstream.stop)
+        await self.start(upstream=url, max_concurrent=1)
+        replies = [await self.chat(stream=True), await self.chat(stream=True), await self.chat(stream=False)]
+        self.assertEqual([r.code for r in replies], [200, 200, 200])  # (the second waited for the first's place)
+        bodies = [await r.text() for r in replies]
+        self.assertTrue(all(b.endswith(b"data: [DONE]\n\n") for b in bodies[:2]), bodies)
+        self.assertEqual(json.loads(bodies[2])["choices"][0]["message"]["content"], "Hi")
+        generations = [(r, n) for r, n in zip(upstream.requests, upstream.on_connection, strict=True)
+                       if r.startswith(b"POST")]
+        self.assertEqual(len(generations), 3)
+        self.assertEqual(len({n for _, n in generations}), 3)  # each on a connection of its own
+        self.assertTrue(all(b"\r\nConnection: close\r\n" in r for r, _ in generations))
+
+
 class UpstreamKeyTests(GatewayTestCase):
     async def test_the_upstream_key_replaces_any_authorization_and_the_callers_headers_are_left_alone(self) -> None:
         fake = FakeLlama(reactor)

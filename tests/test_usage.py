@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import re
 import signal
@@ -31,11 +30,11 @@ from twisted.logger import ILogObserver, eventAsText, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from twisted_gw import prometheus, usage
-from twisted_gw.accounting import RequestRecord
-from twisted_gw.admission import Admission
-from twisted_gw.errors import GatewayError
-from twisted_gw.routing import Router
+from twisted_gw import usage
+from twisted_gw.admission import Admission, Router
+from twisted_gw.apis.errors import GatewayError
+from twisted_gw.books import prometheus
+from twisted_gw.books.record import RequestRecord
 from twisted_gw.testing import FakeLlama
 
 
@@ -281,17 +280,13 @@ class MetricsProtectionTests(GatewayTestCase):
 class BooksTests(GatewayTestCase):
     """
     A request's books (totals, metrics, ledger, access line) are kept after its
-    answer, off the path of the next request: on the reactor's next turn; when
-    requests come back to back, once the next one is sent upstream, or after
-    books_delay when none comes; and at once when something reads them.
+    answer was written: on the clock's next turn, and at once when something
+    reads them or the gateway stops.
     """
 
-    async def start_recording(self, books_delay: float, back_to_back: float = math.inf,
-                              **config: Any) -> list[dict[str, Any]]:
-        """A gateway whose requests all count as back to back (unless told), and the log events it writes."""
+    async def start_recording(self, **config: Any) -> list[dict[str, Any]]:
+        """A gateway, and the log events it writes."""
         await self.start(**config)
-        self.gw.gateway.proxy.books_delay = books_delay
-        self.gw.gateway.proxy.back_to_back = back_to_back
         events: list[dict[str, Any]] = []
         observer = cast(ILogObserver, events.append)
         globalLogPublisher.addObserver(observer)
@@ -302,41 +297,18 @@ class BooksTests(GatewayTestCase):
     def access(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [e for e in events if e.get("log_namespace") == "llmgw.access"]
 
-    async def test_kept_when_the_next_request_is_sent_upstream(self) -> None:
-        events = await self.start_recording(60, fake=FakeLlama(reactor, manual=True))
-        accounting = self.gw.gateway.accounting
-        first = await self.chat(stream=True)
-        self.fake.release(len(self.fake.reply))
-        await first.text()
-        self.assertEqual(accounting.totals.requests, 0)  # (not on the way to the next request)
-        arrived = self.fake.next_request()
-        second = Deferred.fromCoroutine(self.chat(stream=True, key=BOB))
-        await arrived
-        self.assertEqual(accounting.totals.requests, 1)
-        self.assertEqual(accounting.users["alice"].completion_tokens, 8)
-        self.assertEqual([e["user"] for e in self.access(events)], ["alice"])
-        self.fake.release(len(self.fake.reply))
-        await (await second).text()
-
-    async def test_kept_on_the_next_turn_when_requests_are_apart(self) -> None:
-        events = await self.start_recording(60, back_to_back=0.0002)
-        for n in (1, 2):
-            await (await self.chat(stream=False)).text()  # (the test's client takes milliseconds between requests)
-            self.assertEqual(self.gw.gateway.accounting.totals.requests, n)
-            self.assertEqual(len(self.access(events)), n)
-
-    async def test_kept_after_books_delay_when_nothing_follows(self) -> None:
-        events = await self.start_recording(0.005)
+    async def test_kept_on_the_next_turn_after_the_answer(self) -> None:
+        clock = task.Clock()
+        events = await self.start_recording(clock=clock)
         await (await self.chat(stream=False)).text()
-        for _ in range(100):
-            if self.gw.gateway.accounting.totals.requests:
-                break
-            await task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.gw.gateway.accounting.totals.requests, 0)  # (the answer did not wait for them)
+        self.assertEqual(self.access(events), [])
+        clock.advance(0)
         self.assertEqual(self.gw.gateway.accounting.totals.requests, 1)
-        self.assertEqual(len(self.access(events)), 1)
+        self.assertEqual([e["user"] for e in self.access(events)], ["alice"])
 
     async def test_kept_before_they_are_read(self) -> None:
-        await self.start_recording(60)
+        await self.start_recording(clock=task.Clock())  # (its next turn never comes)
         await (await self.chat(stream=False)).text()
         self.assertEqual((await self.metrics())["users"]["alice"]["requests"], 1)
         await (await self.chat(stream=False)).text()
@@ -349,26 +321,24 @@ class BooksTests(GatewayTestCase):
         self.assertEqual(me["usage"]["requests"], 3, me)
 
     async def test_kept_when_the_gateway_stops(self) -> None:
-        await self.start_recording(60)
+        await self.start_recording(clock=task.Clock())
         await (await self.chat(stream=False)).text()
         await self.gw.stop()
         rows = sqlite3.connect(self.config.usage_db).execute("SELECT user, completion_tokens FROM requests").fetchall()
         self.assertEqual(rows, [("alice", 8)])
 
     async def test_access_lines_stay_in_order_with_a_refusal(self) -> None:
-        events = await self.start_recording(60)
+        events = await self.start_recording(clock=task.Clock())
         await (await self.chat(stream=False)).text()
         await (await self.call("GET", "/v1/models", key="sk-nobody")).text()
         self.assertEqual([e["status"] for e in self.access(events)], [200, 401])
 
     async def test_times_are_those_of_the_request_not_of_the_books(self) -> None:
-        events = await self.start_recording(0.005)
         clock = task.Clock()
         clock.advance(1000)
-        self.gw.gateway.proxy.clock = clock
+        events = await self.start_recording(clock=clock)
         await (await self.chat(stream=False)).text()
-        self.assertEqual(self.access(events), [])
-        clock.advance(100)  # the books are kept (books_delay on this clock) a long while after the answer
+        clock.advance(100)  # the books are kept a long while after the answer
         [line] = self.access(events)
         self.assertEqual(line["duration"], 0.0)
 

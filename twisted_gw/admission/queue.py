@@ -1,9 +1,9 @@
 """
-Admission to the upstreams: their places (L{twisted_gw.routing}), and in front
+Admission to the upstreams: their places (L{twisted_gw.admission.routing}), and in front
 of them one fair, bounded queue of the requests waiting for one.
 
 Waiting requests are kept per user and handed the next free place by
-start-time fair queuing (L{twisted_gw.fairness}), weighted per user; within one
+start-time fair queuing (L{twisted_gw.admission.fairness}), weighted per user; within one
 user, first come first served.  Each waiter is told its position (1 = next to
 run) when it starts waiting and whenever it changes; with a
 C{position_interval}, changes are told in passes at most that often (a burst
@@ -30,8 +30,8 @@ import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from twisted_gw.fairness import Entry, FairScheduler
-from twisted_gw.routing import Route, Router
+from twisted_gw.admission.fairness import Entry, FairScheduler
+from twisted_gw.admission.routing import Route, Router
 
 PositionCallback = Callable[[int], None]
 

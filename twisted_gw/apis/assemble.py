@@ -1,20 +1,27 @@
 """
 Non-streaming answers built from a stream, without I/O.
 
-llama.cpp keeps generating a non-streaming request for seconds after its
-client has gone; a streaming one stops at once.  So for llama.cpp upstreams the
-gateway asks for a stream and builds the JSON document the upstream would have
-sent, in llama.cpp's own field order: C{choices}, C{created}, C{model},
-C{system_fingerprint}, C{object}, C{usage}, C{id}, C{timings}.
+llama.cpp builds before 2026-12 keep generating a non-streaming request for
+seconds after its client has gone; a streaming one stops at once.  So for
+llama.cpp upstreams the gateway asks for a stream and builds the JSON document
+the upstream would have sent, in llama.cpp's own field order: C{choices},
+C{created}, C{model}, C{system_fingerprint}, C{object}, C{usage}, C{id},
+C{timings}.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
-import orjson
 
-from twisted_gw import fastjson
+def compact(doc: Any) -> bytes:
+    """JSON as llama.cpp writes it: no spaces, UTF-8 as is (escaped where it cannot be: a lone surrogate)."""
+    try:
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(doc, separators=(",", ":")).encode("ascii")
+
 
 ASSEMBLED_PATHS = {b"/v1/chat/completions": True, b"/v1/completions": False}
 
@@ -24,7 +31,7 @@ def as_stream_request(doc: dict[str, Any]) -> bytes:
     upstream = dict(doc)
     upstream["stream"] = True
     upstream["stream_options"] = {"include_usage": True}
-    return fastjson.dumps(upstream)
+    return compact(upstream)
 
 
 def with_usage_requested(doc: dict[str, Any]) -> bytes:
@@ -33,17 +40,10 @@ def with_usage_requested(doc: dict[str, Any]) -> bytes:
     options = dict(doc["stream_options"]) if isinstance(doc.get("stream_options"), dict) else {}
     options["include_usage"] = True
     upstream["stream_options"] = options
-    return fastjson.dumps(upstream)
+    return compact(upstream)
 
 
 _HEAD = ("created", "model", "system_fingerprint", "id")
-
-# A chat token chunk as llama.cpp writes it, up to its text; then the text's closing quote and the rest.
-_TOKEN_PREFIX = b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"'
-_TOKEN_TEXT_END = b'"}}],'
-# The fields a token chunk may have after its choices (each kept from the first chunk that has it).
-_TOKEN_FIELDS = frozenset((*_HEAD, "object"))
-
 
 class _Choice:
     def __init__(self, index: int) -> None:
@@ -68,46 +68,14 @@ class Assembler:
         self.timings: Optional[dict[str, Any]] = None
         self.error: Optional[dict[str, Any]] = None
         self.tokens = 0  # chunks that carried generated text (a token each, for an estimate)
-        # The bytes after the text of a token chunk read whole (see L{feed_event}), from its closing quote on.
-        self._token_tail: Optional[bytes] = None
 
     def feed_event(self, event: bytes) -> bool:
-        """
-        Take one event's data in: parsed and fed (L{feed}), or, for a chat
-        token chunk whose bytes are those of one parsed before but for its
-        text, only its text read (each token chunk of a llama.cpp stream
-        repeats the same fields after its text, but for C{created}, the
-        second it was written in).  False when it is not JSON.
-
-        The shortcut gives what parsing would.  The chunk it was learnt from
-        was parsed whole: one choice, index 0, no finish reason, a delta of
-        only text, no other field but those kept once (L{_HEAD}, C{object}),
-        no second C{choices}.  A chunk with the same bytes around a valid
-        JSON string is the same document with another text; any other chunk
-        is parsed.
-        """
-        tail = self._token_tail
-        if tail is not None and event.startswith(_TOKEN_PREFIX) and event.endswith(tail):
-            start = len(_TOKEN_PREFIX) - 1  # (its opening quote)
-            end = len(event) - len(tail) + 1  # (after its closing quote)
-            if end - start >= 2:
-                try:
-                    text = orjson.loads(event[start:end])
-                except orjson.JSONDecodeError:  # (not one string: parsed below, which finds what it is)
-                    text = None
-                if type(text) is str:
-                    choice = self.choices[0]
-                    choice.text.append(text)
-                    choice.saw_text = True
-                    if text:
-                        self.tokens += 1
-                    return True
-        chunk = fastjson.loads(event)
-        if chunk is fastjson.NOT_JSON:
+        """Take one event's data in (parsed, then L{feed}); False when it is not JSON."""
+        try:
+            chunk = json.loads(event)
+        except ValueError:
             return False
         self.feed(chunk)
-        if self.chat and event.startswith(_TOKEN_PREFIX):  # (learnt again when the fields change: "created" does)
-            self._token_tail = _token_tail(event, chunk) or tail
         return True
 
     def feed(self, chunk: Any) -> bool:
@@ -224,43 +192,4 @@ class Assembler:
 
     def body(self) -> bytes:
         """The answer as llama.cpp serialises it: compact, UTF-8 as is."""
-        return fastjson.dumps({"error": self.error} if self.error is not None else self.document())
-
-
-def _token_tail(event: bytes, chunk: Any) -> Optional[bytes]:
-    """
-    For a chat token chunk C{event} parsed as C{chunk}: its bytes from its
-    text's closing quote on, if it is a plain one (see L{Assembler.feed_event});
-    else None.
-    """
-    if not (event.startswith(_TOKEN_PREFIX) and type(chunk) is dict and chunk.keys() - {"choices"} <= _TOKEN_FIELDS):
-        return None
-    choices = chunk.get("choices")
-    if type(choices) is not list or len(choices) != 1:
-        return None
-    choice = choices[0]
-    if type(choice) is not dict or choice.keys() != {"finish_reason", "index", "delta"}:
-        return None
-    delta = choice["delta"]
-    if choice["finish_reason"] is not None or type(choice["index"]) is not int or choice["index"] != 0:
-        return None
-    if type(delta) is not dict or delta.keys() != {"content"} or type(delta["content"]) is not str:
-        return None
-    # the text's closing quote: the first candidate after which the text reads as parsed
-    at = event.find(_TOKEN_TEXT_END, len(_TOKEN_PREFIX))
-    while at >= 0:
-        try:
-            text = orjson.loads(event[len(_TOKEN_PREFIX) - 1:at + 1])
-        except orjson.JSONDecodeError:
-            text = None
-        if text == delta["content"]:
-            break
-        at = event.find(_TOKEN_TEXT_END, at + 1)
-    else:
-        return None
-    # what follows the choices, read alone: only fields kept once (a second "choices", however its name is
-    # escaped, would be the one a parser keeps)
-    rest = fastjson.loads(b"{" + event[at + len(_TOKEN_TEXT_END):])
-    if type(rest) is not dict or not rest.keys() <= _TOKEN_FIELDS:
-        return None
-    return event[at:]
+        return compact({"error": self.error} if self.error is not None else self.document())

@@ -6,7 +6,7 @@ C{total_slots} once read, else 1), the requests it runs, its health and the
 models it serves.  The L{Router} hands a request the routable upstream with
 the most free places among those that serve its model (ties: round-robin),
 so work spreads the way paddler spreads it.  Health and models are written
-here by the checks in L{twisted_gw.upstream}; nothing here does I/O.
+here from the checks of L{twisted_gw.upstream.health}; nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -44,6 +44,23 @@ class Route:
     @property
     def free(self) -> int:
         return max(0, self.places - self.active) if self.routable else 0
+
+    def update(self, state: str, slots: Optional[int] = None, models: Optional[frozenset[str]] = None,
+               read_props: bool = False) -> None:
+        """
+        What a health check found: its state; when it read them, the slots
+        llama.cpp reports (C{read_props}; None: not llama.cpp) and the models.
+        """
+        self.state = state
+        if read_props:
+            self.discovered = slots
+        if models is not None:
+            self.models = models
+
+    @property
+    def needs_props(self) -> bool:
+        """Whether the next check should read llama.cpp's slots: it is not known to be up with them read."""
+        return self.state != OK or self.discovered is None
 
     def describe(self) -> dict[str, Any]:
         """Its line in C{/metrics}."""
@@ -126,28 +143,3 @@ class Router:
             return pool[0] if pool else None
         n = len(self.routes)
         return min(pool, key=lambda r: (rank(r), (self.routes.index(r) - self._turn) % n))
-
-
-def union_of_model_lists(documents: Iterable[Any]) -> dict[str, Any]:
-    """
-    One C{GET /v1/models} answer from several upstreams' answers: every model
-    once (the first upstream's entry for it), in the order first seen.
-    """
-    seen: dict[str, Any] = {}
-    for doc in documents:
-        for entry in models_in(doc):
-            seen.setdefault(entry["id"], entry)
-    return {"object": "list", "data": list(seen.values())}
-
-
-def model_ids(doc: Any) -> frozenset[str]:
-    """The ids of the models a C{/v1/models} document lists."""
-    return frozenset(e["id"] for e in models_in(doc))
-
-
-def models_in(doc: Any) -> list[dict[str, Any]]:
-    """The model entries (with a string C{id}) of a C{/v1/models} document; [] for anything else."""
-    data = doc.get("data") if isinstance(doc, dict) else None
-    if not isinstance(data, list):
-        return []
-    return [e for e in data if isinstance(e, dict) and isinstance(e.get("id"), str)]

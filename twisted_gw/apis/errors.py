@@ -1,11 +1,10 @@
-"""OpenAI-shaped errors: C{{"error": {"message", "type", "code"}}}."""
+"""Errors in the client's dialect: OpenAI's C{{"error": {"message", "type", "code"}}}."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Optional
-
-import attrs
 
 
 def error_document(message: str, type: str, code: Optional[str]) -> dict[str, object]:
@@ -16,16 +15,20 @@ def error_json(message: str, type: str, code: Optional[str]) -> bytes:
     return json.dumps(error_document(message, type, code)).encode("utf-8")
 
 
-@attrs.define
 class GatewayError(Exception):
-    """An error answered to the client before any of the response was sent."""
+    """An error the gateway answers with: its status, message, type, code and extra headers."""
 
-    status: int
-    message: str
-    type: str = "invalid_request_error"
-    code: Optional[str] = None
-    headers: dict[bytes, bytes] = attrs.Factory(dict)
-    accounted: bool = False  # already in the access log and the ledger
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error", code: Optional[str] = None,
+        headers: Optional[Mapping[bytes, bytes]] = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.headers = dict(headers or {})
+        self.accounted = False  # already in the access log and the books
 
     def __str__(self) -> str:
         return f"{self.status} {self.message}"

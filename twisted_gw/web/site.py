@@ -18,9 +18,13 @@ from io import BytesIO
 from typing import Optional
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web import http, server
 
-from twisted_gw.errors import error_json
+from twisted_gw.apis.errors import error_json
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 
@@ -42,7 +46,19 @@ def refusal(status: int, message: str, code: str) -> bytes:
 
 
 class GatewayChannel(http.HTTPChannel):
-    """HTTP/1.1 only (no HTTP/2 upgrade); JSON errors for requests it cannot read."""
+    """HTTP/1.1 only (no HTTP/2 upgrade); JSON errors for requests it cannot read; known to its site while open."""
+
+    site: Optional[GatewaySite] = None  # (set by the site that builds it)
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.site is not None:
+            self.site.channels.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        if self.site is not None:
+            self.site.channel_closed(self)
 
     # Where the request being read is: in its head (after the request line), and the head's size and lines so far.
     _in_head = False
@@ -159,6 +175,36 @@ class GatewaySite(server.Site):
         # A proxy forwards bodies as they are: never parse a form upload into request.args.
         super().__init__(resource, requestFactory=GatewayRequest, parsePOSTFormSubmission=False)
         self.max_body = max_body
+        self.channels: set[GatewayChannel] = set()
+        self._closed: list[Deferred[None]] = []
+
+    def channel_closed(self, channel: GatewayChannel) -> None:
+        self.channels.discard(channel)
+        if not self.channels:
+            closed, self._closed = self._closed, []
+            for d in closed:
+                d.callback(None)
+
+    def close_connections(self, clock: IReactorTime, timeout: float) -> Deferred[None]:
+        """
+        Close every client connection once what was written to it is sent
+        (the last answers of a shutdown), aborting those still open after
+        C{timeout} seconds; fires when none is left.
+        """
+        if not self.channels:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._closed.append(done)
+        for channel in list(self.channels):
+            channel.loseConnection()
+
+        def abort() -> None:
+            for channel in list(self.channels):
+                if channel.transport is not None:
+                    channel.transport.abortConnection()  # type: ignore[attr-defined]
+
+        timer = clock.callLater(timeout, abort)
+        return done.addCallback(lambda _: timer.cancel() if timer.active() else None)
 
     def log(self, request: http.Request) -> None:
         pass

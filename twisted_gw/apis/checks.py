@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, NoReturn, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
-import attrs
-
-from twisted_gw import fastjson
-from twisted_gw.errors import GatewayError, bad_request
+from twisted_gw.apis.errors import GatewayError, bad_request
 
 # RFC 9110 7.6.1 and the older proxy ones still seen in the wild.
 HOP_BY_HOP = frozenset({
@@ -83,30 +81,13 @@ def forward_headers(
     return [(name, values) for name, values in raw if name.lower() not in skip]
 
 
-@attrs.frozen
+@dataclass(frozen=True)
 class BodyInfo:
-    """What the gateway needs to know of a request body."""
+    """What the gateway needs to know of a request body (the body itself is kept as it came)."""
 
     stream: bool = False
     model: Optional[str] = None
-    document: Any = None
-    shed_document: bool = False  # parsed, then let go (see L{shed})
-
-    def shed(self) -> BodyInfo:
-        """
-        The same without the parsed document, for a request that waits: a
-        JSON document takes several times its text's memory, and the text is
-        kept anyway.  L{reparsed} brings it back.
-        """
-        if self.document is None:
-            return self
-        return attrs.evolve(self, document=None, shed_document=True)
-
-    def reparsed(self, body: bytes) -> BodyInfo:
-        """The document again, parsed from C{body} (the text it came from), if it was shed."""
-        if not self.shed_document:
-            return self
-        return attrs.evolve(self, document=fastjson.loads(body, constants=False), shed_document=False)
+    is_object: bool = False  # a JSON object (one the gateway may rewrite: see parse_object)
 
 
 def _is_json_type(content_type: Optional[bytes]) -> bool:
@@ -116,37 +97,49 @@ def _is_json_type(content_type: Optional[bytes]) -> bool:
     return media == b"application/json" or media.endswith(b"+json")
 
 
-def _refuse_body(body: bytes) -> NoReturn:
-    """The 400 for a body that is not JSON, saying why."""
+def _refuse_constant(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def parse_json(body: bytes) -> Any:
+    """
+    C{body} as JSON, or the 400 that says why not: not UTF-8, not JSON
+    (NaN and Infinity included: JSON has neither).
+    """
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise bad_request(f"The request body is not valid UTF-8: {e}", "invalid_encoding") from None
     try:
-        json.loads(text, parse_constant=fastjson.refuse_constant)
+        return json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as e:
         raise bad_request(f"The request body is not valid JSON: {e}", "invalid_json") from None
-    raise bad_request("The request body is not valid JSON.", "invalid_json")
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """The JSON object of a body that L{inspect_body} found to be one."""
+    doc = parse_json(body)
+    assert isinstance(doc, dict)
+    return doc
 
 
 def inspect_body(body: bytes, content_type: Optional[bytes]) -> BodyInfo:
     """
-    Read the C{stream} flag and model from a JSON body.  Malformed JSON
-    (NaN and Infinity included: JSON has neither), a non-UTF-8 body or a
-    C{stream} that is not a boolean is a 400; a body that is not JSON
-    (multipart, say) passes untouched.
+    Read the C{stream} flag and model from a JSON body.  Malformed JSON, a
+    non-UTF-8 body or a C{stream} that is not a boolean is a 400; a body
+    that is not JSON (multipart, say) passes untouched.  The parsed document
+    is not kept: a request may wait long in the queue, and a document takes
+    several times its text's memory.
     """
     if not body or not _is_json_type(content_type):
         return BodyInfo()
-    doc = fastjson.loads(body, constants=False)
-    if doc is fastjson.NOT_JSON:
-        _refuse_body(body)
+    doc = parse_json(body)
     if not isinstance(doc, dict):
-        return BodyInfo(document=doc)
+        return BodyInfo()
     stream = doc.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
         raise bad_request("'stream' must be a boolean", "invalid_type")
     model = doc.get("model")
-    return BodyInfo(stream=stream, model=model if isinstance(model, str) else None, document=doc)
+    return BodyInfo(stream=stream, model=model if isinstance(model, str) else None, is_object=True)

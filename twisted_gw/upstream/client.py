@@ -1,7 +1,6 @@
 """
-The upstream side: requests to one upstream through a C{treq.HTTPClient}
-over a persistent connection pool, bodies delivered to a protocol that can
-be stopped, and the checks that keep the upstream's L{Route} up to date.
+Requests to one upstream through a C{treq.HTTPClient} over a persistent
+connection pool, and bodies delivered to a protocol that can be stopped.
 
 treq wraps every request in a cookie agent, a gzip decoder and (unless told
 not to) a redirect follower.  For a proxy: the cookie jar stores nothing, so
@@ -20,9 +19,9 @@ from typing import Any, Optional
 
 import attrs
 from treq.client import HTTPClient
-from twisted.internet.abstract import isIPv6Address
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import trustRootFromCertificates
@@ -33,7 +32,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from twisted_gw.routing import DOWN, LOADING, OK, Route, model_ids
 from twisted_gw.tls import certificates_from_pem
 
 # A health check (or a model list asked for the union) that takes longer fails.
@@ -110,6 +108,19 @@ class _OneEndpoint:
         return self.endpoint
 
 
+def tcp_endpoint(reactor: Any, host: str, port: int) -> IStreamClientEndpoint:
+    """
+    A connection to C{host}: an IP address is connected to directly (a host
+    name is resolved in a thread for every connection, and a stream's
+    connection is new each time: see L{twisted_gw.proxy.forward}).
+    """
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port)
+    return HostnameEndpoint(reactor, host, port)
+
+
 def _host_value(uri: URI) -> bytes:
     """The Host header for C{uri}, as Agent computes it."""
     host = uri.host
@@ -156,11 +167,7 @@ def _cookie_jar() -> Any:
 
 
 class Upstream:
-    """
-    Requests to one upstream base URL through a treq client and connection
-    pool of its own, and the checks that keep its L{Route} (health, slots,
-    models) up to date.
-    """
+    """Requests to one upstream base URL through a treq client and connection pool of its own."""
 
     def __init__(
         self,
@@ -169,18 +176,16 @@ class Upstream:
         max_connections: int = 8,
         api_key: str = "",
         ca_file: Optional[str] = None,
-        slots: Optional[int] = None,
     ) -> None:
         self.reactor = reactor
         self.base_url = base_url.rstrip("/")
-        self.route = Route(self.base_url, slots=slots)
         self.api_key = api_key
         uri = URI.fromBytes(self.base_url.encode("ascii"))
         self._host = _host_value(uri)
         # The agent connects to this upstream whatever the URL says; the URL's host is a name that
         # never resolves, because treq's URL parser cannot take an IPv6 literal (hyperlink #68).
         self._origin = uri.scheme + b"://upstream.invalid" + uri.path
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, uri.host.decode("ascii"), uri.port)
+        endpoint = tcp_endpoint(reactor, uri.host.decode("ascii"), uri.port)
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(tls_policy(ca_file).creatorForNetloc(uri.host, uri.port), endpoint)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -232,35 +237,7 @@ class Upstream:
         except ValueError:
             return response.code, None
 
-    def check(self) -> Deferred[None]:
-        """
-        Update the route: healthy when C{GET /health} answers 200 (or, for a
-        server without C{/health}, C{GET /v1/models} does), loading on 503,
-        down on anything else; when healthy, its models, and llama.cpp's
-        slot count when it has just come up.  Never fails.
-        """
-        return Deferred.fromCoroutine(self._check())
-
-    async def _check(self) -> None:
-        route = self.route
-        was = route.state
-        try:
-            code, _ = await self.get_json(b"/health")
-            if code in (404, 405):  # no /health here (an OpenAI-style server): the model list will do
-                code, _ = await self.get_json(b"/v1/models")
-            state = OK if code == 200 else LOADING if code == 503 else DOWN
-            if state == OK:
-                if was != OK or route.discovered is None:
-                    # (re)started: it may have another build, other slots
-                    route.discovered = self._learn_props(*await self.get_json(b"/props"))
-                code, doc = await self.get_json(b"/v1/models")
-                if code == 200:
-                    route.models = model_ids(doc)
-        except Exception:
-            state = DOWN
-        route.state = state
-
-    def _learn_props(self, code: int, props: Any) -> Optional[int]:
+    def learn_props(self, code: int, props: Any) -> Optional[int]:
         """
         From an answer to C{GET /props}: whether this is llama.cpp's server (it
         answers with C{total_slots}), remembered, and its slot count.
@@ -268,10 +245,6 @@ class Upstream:
         self.llamacpp = code == 200 and isinstance(props, dict) and "total_slots" in props
         slots = props["total_slots"] if self.llamacpp else None
         return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0 else None
-
-    def failed(self, state: str = DOWN) -> None:
-        """A request found it down (or loading): out of routing until a check finds it up."""
-        self.route.state = state
 
     async def is_llamacpp(self) -> bool:
         """
@@ -282,7 +255,7 @@ class Upstream:
         if self.llamacpp is not None:
             return self.llamacpp
         try:
-            self._learn_props(*await self._get_json(b"/props"))
+            self.learn_props(*await self._get_json(b"/props"))
         except Exception:
             return False
         return bool(self.llamacpp)

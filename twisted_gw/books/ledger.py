@@ -20,7 +20,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from twisted_gw.accounting import RequestRecord, UserTotals
+from twisted_gw.books.accounting import UserTotals
+from twisted_gw.books.record import RequestRecord
 
 log = Logger(namespace="llmgw.ledger")
 

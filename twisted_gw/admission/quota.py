@@ -15,7 +15,7 @@ from typing import Optional
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from twisted_gw.auth import UserSettings
+from twisted_gw.admission.settings import UserSettings
 
 MINUTE = 60.0
 DAY = 86400.0

@@ -4,25 +4,24 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from twisted_gw.accounting import BUCKET, WINDOW_1M, WINDOW_5M, Accounting, UserTotals
-from twisted_gw.admission import Admission
-from twisted_gw.auth import UserSettings
-from twisted_gw.proxy import Proxy
-from twisted_gw.quota import Quotas
-from twisted_gw.routing import OK, UNKNOWN, Router
+from twisted_gw.admission import OK, UNKNOWN, Admission, Router, UserSettings
+from twisted_gw.admission.quota import Quotas
+from twisted_gw.books.accounting import BUCKET, WINDOW_1M, WINDOW_5M, Accounting, UserTotals
 
 
 def snapshot(
-    admission: Admission, accounting: Accounting, proxy: Optional[Proxy] = None, router: Optional[Router] = None
+    admission: Admission, accounting: Accounting, live: Optional[list[dict[str, Any]]] = None,
+    router: Optional[Router] = None,
 ) -> dict[str, Any]:
     """
     The original gateway's keys (C{tokens} and C{per_user_tokens} count
-    completion tokens, as they did there) plus prompt/completion splits.
+    completion tokens, as they did there) plus prompt/completion splits;
+    C{live}: the requests in flight, for the dashboard.
     """
     totals = accounting.totals
     doc = _snapshot(admission, accounting, totals)
-    if proxy is not None:
-        doc["streams"] = proxy.live()
+    if live is not None:
+        doc["streams"] = live
     if router is not None:
         states = {r.state for r in router.routes}
         # the whole: reachable when any upstream is (None before any check)

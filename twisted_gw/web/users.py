@@ -24,6 +24,8 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from twisted_gw.admission.settings import UserSettings
+
 log = Logger(namespace="llmgw.auth")
 
 HASH_PREFIX = "sha256:"
@@ -36,17 +38,6 @@ class UsersFileError(ValueError):
 def key_digest(key: str) -> bytes:
     """The SHA-256 digest under which a key is stored."""
     return hashlib.sha256(key.encode("utf-8")).digest()
-
-
-@attrs.frozen
-class UserSettings:
-    """A user's share and limits; L{None} means the gateway-wide default."""
-
-    weight: float = 1.0
-    max_concurrent: Optional[int] = None
-    max_queued: Optional[int] = None
-    tokens_per_minute: Optional[int] = None
-    tokens_per_day: Optional[int] = None
 
 
 # field name -> (type check, description) for the rich users file

@@ -14,32 +14,14 @@ from typing import Optional
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from twisted_gw.books.record import RequestRecord
+
 WINDOW_1M = 60.0
 WINDOW_5M = 300.0
 HISTORY = 900.0  # the dashboard's chart: 15 minutes
 BUCKET = 10.0  # seconds per point of that chart
 DAY = 86400.0
 RECENT_PROBLEMS = 20
-
-
-@attrs.frozen
-class RequestRecord:
-    """What one finished request cost."""
-
-    user: str
-    method: str
-    path: str
-    status: int
-    prompt_tokens: int
-    completion_tokens: int
-    duration: float
-    queue_wait: float = 0.0
-    cancelled: bool = False
-    usage_source: str = "none"
-    model: Optional[str] = None
-    ttft: Optional[float] = None
-    tokens_per_second: Optional[float] = None
-    error: Optional[str] = None
 
 
 class _Recent:

@@ -21,13 +21,14 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from twisted_gw.errors import GatewayError, error_json, unauthorized
-from twisted_gw.proxy import Proxy, log_refused
+from twisted_gw.apis.errors import GatewayError, error_json, unauthorized
+from twisted_gw.proxy import Proxy
+from twisted_gw.web.response import WebResponse, client_request
 
 log = Logger(namespace="llmgw.web")
 
 # read once at import, never on a request
-DASHBOARD = (importlib.resources.files("twisted_gw") / "static" / "dashboard.html").read_bytes()
+DASHBOARD = (importlib.resources.files("twisted_gw.web") / "static" / "dashboard.html").read_bytes()
 
 
 def _json(request: IRequest, status: int, doc: Any) -> bytes:
@@ -132,6 +133,7 @@ class GatewayApp:
         when it is done, and Klein cancels it when the client leaves.
         """
         user: Optional[str] = None
+        proxied = client_request(request)
         try:
             key = bearer_key(request)
             if key is None:
@@ -146,11 +148,10 @@ class GatewayApp:
                 request.setHeader(b"Cache-Control", b"no-store")
                 return _json(request, 200, self.me(user))
             # (its own refusals are raised here; later errors are in its access line)
-            return self.proxy.handle(request, user)
+            return self.proxy.handle(proxied, WebResponse(request), user)
         except GatewayError as e:
-            self.proxy.keep_books()  # (the access lines of earlier requests first)
             if not e.accounted:
-                log_refused(request, user, e)
+                self.proxy.refused(proxied, user, e)
             raise
 
     def gateway_error(self, request: IRequest, failure: Failure) -> bytes:

@@ -1,0 +1,112 @@
+"""
+Usage report from the ledger.
+
+    python -m twisted_gw.usage --db llmgw-usage.sqlite3 --since 2026-11-01 --by user
+    python -m twisted_gw.usage --by day --json
+    python -m twisted_gw.usage --by model --csv
+
+Reads the database read-only, so it can run while the gateway writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import json
+import sqlite3
+import sys
+from collections.abc import Sequence
+from typing import Any, Optional
+
+GROUPS = {
+    "user": "user",
+    "day": "date(finished_at, 'unixepoch')",
+    "model": "coalesce(model, '')",
+}
+HEADERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cancelled", "estimated")
+
+
+def _epoch(text: str) -> float:
+    try:
+        day = datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+    return datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def report(db_path: str, by: str, since: Optional[float] = None, until: Optional[float] = None) -> list[dict[str, Any]]:
+    """Rows of totals grouped C{by} user, day (UTC) or model."""
+    key = GROUPS[by]
+    where, args = [], []
+    if since is not None:
+        where.append("finished_at >= ?")
+        args.append(since)
+    if until is not None:
+        where.append("finished_at < ?")
+        args.append(until)
+    sql = (
+        f"SELECT {key} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cancelled), "
+        f"SUM(usage_source = 'estimate') FROM requests "
+        f"{'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY k ORDER BY k"
+    )
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+    return [
+        {by: k, "requests": n, "prompt_tokens": p or 0, "completion_tokens": c or 0,
+         "total_tokens": (p or 0) + (c or 0), "cancelled": x or 0, "estimated": e or 0}
+        for k, n, p, c, x, e in rows
+    ]
+
+
+def render_table(rows: list[dict[str, Any]], by: str) -> str:
+    columns = (by, *HEADERS)
+    cells = [[str(row[c]) for c in columns] for row in rows]
+    totals = [str(sum(row[c] for row in rows)) for c in HEADERS]
+    cells.append(["total", *totals])
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        # the key column left-aligned, the numbers right-aligned
+        pairs = enumerate(zip(values, widths, strict=True))
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in pairs)
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = [line(columns), rule, *(line(r) for r in cells[:-1]), rule, line(cells[-1])]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(rows: list[dict[str, Any]], by: str) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=(by, *HEADERS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m twisted_gw.usage", description="Usage report from the ledger.")
+    parser.add_argument("--db", default="llmgw-usage.sqlite3", help="the ledger (--usage-db of the gateway)")
+    parser.add_argument("--since", type=_epoch, help="from this day (UTC, YYYY-MM-DD), inclusive")
+    parser.add_argument("--until", type=_epoch, help="to this day (UTC, YYYY-MM-DD), exclusive")
+    parser.add_argument("--by", choices=sorted(GROUPS), default="user")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON")
+    output.add_argument("--csv", action="store_true", help="print CSV")
+    args = parser.parse_args(argv)
+    try:
+        rows = report(args.db, args.by, args.since, args.until)
+    except sqlite3.Error as e:
+        print(f"llmgw usage: cannot read {args.db}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    elif args.csv:
+        sys.stdout.write(render_csv(rows, args.by))
+    else:
+        sys.stdout.write(render_table(rows, args.by))
+    return 0
