@@ -70,7 +70,7 @@ class Ticket:
 
 @attrs.define(eq=False)
 class _Waiter:
-    """One request in the queue; also its Deferred's canceller (a closure would cost each waiter ~250 bytes)."""
+    """One request in the queue; also its Deferred's canceller (no closure per waiter: thousands may wait)."""
 
     admission: Admission
     entry: Entry
@@ -105,7 +105,7 @@ class Admission:
         self._running: dict[str, int] = {}
         self._caps: dict[str, Optional[int]] = {}
         # Waiters in arrival order, so by deadline (the timeout is the same for all):
-        # one timer for the earliest instead of one per waiter (each costs ~600 bytes).
+        # one timer for the earliest instead of one per waiter (thousands may wait).
         self._deadlines: deque[_Waiter] = deque()
         self._sweep: Optional[IDelayedCall] = None
 

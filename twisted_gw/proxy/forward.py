@@ -146,10 +146,10 @@ class Forwarder:
         """
         if not (ex.stream and ex.request.path in ASSEMBLED_PATHS and ex.info.is_object):
             return False
-        options = parse_object(ex.request.body).get("stream_options")
-        if isinstance(options, dict) and "include_usage" in options:
+        if await self._is_llamacpp(ex, upstream):
             return False
-        return not await self._is_llamacpp(ex, upstream)
+        options = parse_object(ex.request.body).get("stream_options")
+        return not (isinstance(options, dict) and "include_usage" in options)
 
     @staticmethod
     async def _is_llamacpp(ex: Exchange, upstream: Upstream) -> bool:

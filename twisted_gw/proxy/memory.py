@@ -3,10 +3,9 @@ Memory given back after a burst.
 
 Thousands of clients waiting and then leaving leave their objects to
 CPython's cyclic collector, whose full pass may not come for a long time,
-and the allocator keeps the arenas they pinned.  Once the burst is over and
-nothing is in flight, one full collection (about 30 ms after 10,000 clients)
-and, on glibc, C{malloc_trim} give most of it back.  It runs once the burst is
-over: when a tenth of it or less is still in flight, for a second; those few
+and the allocator keeps the arenas they pinned.  Once the burst is over, one
+full collection and, on glibc, C{malloc_trim} give most of it back.  It runs
+when a tenth of the burst or less has been in flight for a second; those few
 requests see one pause of that length.
 """
 
