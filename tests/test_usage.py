@@ -199,7 +199,7 @@ records = st.builds(
     cancelled=st.booleans(),
     ttft=st.none() | seconds,
     tokens_per_second=st.none() | st.floats(min_value=0, max_value=5000),
-    error=st.none() | st.sampled_from(["upstream_unreachable", "upstream_500", "queue_timeout"]),
+    error=st.none() | st.sampled_from(["upstream_unreachable", "upstream_500", "idle_timeout", "queue_timeout"]),
 )
 
 
@@ -227,7 +227,7 @@ class ExpositionTests(SynchronousTestCase):
             self.assertEqual(samples[("llmgw_completion_tokens_total", label)],
                              sum(r.completion_tokens for r in mine))
             self.assertEqual(samples.get(("llmgw_cancelled_requests_total", label), 0), sum(r.cancelled for r in mine))
-        for kind in ("upstream_unreachable", "upstream_500"):
+        for kind in ("upstream_unreachable", "upstream_500", "idle_timeout"):
             self.assertEqual(samples.get(("llmgw_upstream_errors_total", (("kind", kind),)), 0),
                              sum(r.error == kind for r in recs))
         self.assertNotIn(("llmgw_upstream_errors_total", (("kind", "queue_timeout"),)), samples)

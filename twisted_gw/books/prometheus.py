@@ -74,7 +74,7 @@ class PrometheusMetrics:
         self.completion_tokens.labels(rec.user).inc(rec.completion_tokens)
         if rec.cancelled:  # (a user's first cancellation makes its series)
             self.cancelled.labels(rec.user).inc()
-        if rec.error and rec.error.startswith("upstream_"):
+        if rec.error and (rec.error.startswith("upstream_") or rec.error == "idle_timeout"):  # (the upstream's doing)
             self.upstream_errors.labels(rec.error).inc()
         if rec.method == "POST":
             self.queue_wait.observe(rec.queue_wait)
