@@ -1,4 +1,4 @@
-"""Memory given back once a burst of requests is over (the trigger, with task.Clock; and the real release)."""
+"""Memory during and after a burst of requests (the triggers, with task.Clock; and the real hold and release)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,26 @@ class AfterBurstTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.calls: list[float] = []
-        self.after = AfterBurst(self.clock, lambda: self.calls.append(self.clock.seconds()), burst=100, calm=1.0)
+        self.holds: list[int] = []
+        self.in_flight = 0
+        self.after = AfterBurst(self.clock, lambda: self.calls.append(self.clock.seconds()), burst=100, calm=1.0,
+                                hold=lambda: self.holds.append(self.in_flight))
+
+    def see(self, n: int) -> None:
+        self.in_flight = n
+        self.after.seen(n)
+
+    def test_held_at_the_burst_and_each_time_it_grows_by_a_burst_more(self) -> None:
+        for n in range(1, 351):
+            self.see(n)
+        for n in range(350, 0, -1):
+            self.see(n)
+        self.assertEqual(self.holds, [100, 200, 300])
+        self.clock.advance(1)
+        self.assertEqual(len(self.calls), 1)
+        for n in range(1, 201):  # a new burst is held anew
+            self.see(n)
+        self.assertEqual(self.holds, [100, 200, 300, 100, 200])
 
     def test_released_once_after_a_burst_and_a_calm_second(self) -> None:
         for n in range(1, 101):
@@ -73,3 +92,12 @@ class AfterBurstTests(SynchronousTestCase):
         finally:
             gc.enable()
         self.assertEqual((before, after), (2, 0))
+
+    def test_what_is_held_is_left_out_until_given_back(self) -> None:
+        from twisted_gw.proxy.memory import hold
+
+        frozen = gc.get_freeze_count()
+        hold()
+        self.assertGreater(gc.get_freeze_count(), frozen)
+        give_back()
+        self.assertEqual(gc.get_freeze_count(), 0)

@@ -22,7 +22,7 @@ from twisted.internet.task import LoopingCall
 class Keepalives:
     """Calls each registered C{write} every C{interval} seconds until it is discarded."""
 
-    def __init__(self, clock: IReactorTime, interval: float, tick: float = 0.02, per_tick: int = 20) -> None:
+    def __init__(self, clock: IReactorTime, interval: float, tick: float = 0.01, per_tick: int = 10) -> None:
         self.clock = clock
         self.interval = interval
         self.tick = min(tick, interval)

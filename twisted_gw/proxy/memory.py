@@ -1,12 +1,14 @@
 """
-Memory given back after a burst.
+Memory during and after a burst of requests.
 
-Thousands of clients waiting and then leaving leave their objects to
-CPython's cyclic collector, whose full pass may not come for a long time,
-and the allocator keeps the arenas they pinned.  Once the burst is over, one
-full collection and, on glibc, C{malloc_trim} give most of it back.  It runs
-when a tenth of the burst or less has been in flight for a second; those few
-requests see one pause of that length.
+During a burst, each full pass of CPython's cyclic collector walks every
+object in flight, stopping the reactor for as long as that takes, and a
+queue that grows sets off a pass each time it grows by a quarter.  So what
+is in flight is frozen out of those passes each time the burst grows by
+another C{BURST} requests.  Once the burst is over, it is let back in and
+collected, and, on glibc, C{malloc_trim} gives the arenas back.  That runs
+when a tenth of the burst or less has been in flight for a second; those
+few requests see one pause of that length.
 """
 
 from __future__ import annotations
@@ -38,25 +40,34 @@ def _malloc_trim() -> Callable[[], Any]:
 _TRIM = _malloc_trim()
 
 
+def hold() -> None:
+    """Leave what is alive now out of the collector's passes (C{gc.freeze}), until L{give_back}."""
+    gc.freeze()
+
+
 def give_back() -> None:
-    """A full collection, then the C heap trimmed where the C library can."""
+    """Everything back in the collector's passes, a full collection, then the C heap trimmed where the C library can."""
+    gc.unfreeze()
     gc.collect()
     _TRIM()
 
 
 class AfterBurst:
     """
-    Calls C{release} once after the requests in flight went up to C{burst}
-    and then stayed at a tenth of that or fewer for C{calm} seconds.
+    Calls C{hold} when the requests in flight reach C{burst}, and each time
+    they grow by another C{burst} after that; calls C{release} once after they went up to
+    C{burst} and then stayed at a tenth of that or fewer for C{calm} seconds.
     """
 
     def __init__(self, clock: IReactorTime, release: Callable[[], None] = give_back,
-                 burst: int = BURST, calm: float = CALM) -> None:
+                 burst: int = BURST, calm: float = CALM, hold: Callable[[], None] = hold) -> None:
         self._clock = clock
         self._release = release
+        self._hold = hold
         self.burst = burst
         self.calm = calm
         self._big = False
+        self._held = 0  # the requests in flight when they were last held (0: not in this burst)
         self._timer: Optional[IDelayedCall] = None
         self.released = 0
 
@@ -64,6 +75,9 @@ class AfterBurst:
         """The number of requests in flight has changed to C{in_flight}."""
         if in_flight >= self.burst:
             self._big = True
+            if in_flight >= self._held + self.burst:
+                self._held = in_flight
+                self._hold()
         low = in_flight <= self.burst // 10
         if self._timer is not None and not low:
             self._timer.cancel()
@@ -74,6 +88,7 @@ class AfterBurst:
     def _calm(self) -> None:
         self._timer = None
         self._big = False
+        self._held = 0
         self.released += 1
         self._release()
 
