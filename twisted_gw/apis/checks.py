@@ -81,7 +81,7 @@ def forward_headers(
     return [(name, values) for name, values in raw if name.lower() not in skip]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BodyInfo:
     """What the gateway needs to know of a request body (the body itself is kept as it came)."""
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Usage:
     """Tokens of one request, and where the numbers came from."""
 
@@ -56,6 +56,8 @@ class UsageTracker:
     before either, the number of content chunks relayed (llama.cpp sends one
     token a chunk), flagged as an estimate.
     """
+
+    __slots__ = ("_from_timings", "_from_usage", "content_chunks")
 
     def __init__(self) -> None:
         self._from_usage: Optional[Usage] = None

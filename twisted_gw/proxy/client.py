@@ -12,18 +12,17 @@ from typing import Optional
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
+from twisted.web.http_headers import Headers
 from zope.interface import Attribute, Interface
-
-from twisted_gw.apis.checks import HeaderPairs
 
 
 @attrs.frozen
 class ClientRequest:
-    """A request as the client sent it: method, URI (path and query, as sent), headers in order, body."""
+    """A request as the client sent it: method, URI (path and query, as sent), headers, body."""
 
     method: bytes
     uri: bytes
-    headers: HeaderPairs
+    headers: Headers
     body: bytes = b""
 
     @property
@@ -31,13 +30,9 @@ class ClientRequest:
         return self.uri.partition(b"?")[0]
 
     def header(self, name: bytes) -> Optional[bytes]:
-        """The last value of the header C{name} (any case), or None."""
-        wanted = name.lower()
-        found = None
-        for key, values in self.headers:
-            if key.lower() == wanted and values:
-                found = values[-1]
-        return found
+        """The last value of the header C{name}, or None."""
+        values = self.headers.getRawHeaders(name)
+        return values[-1] if values else None
 
 
 class IClientResponse(Interface):

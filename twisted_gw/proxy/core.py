@@ -15,6 +15,7 @@ off in every case.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -94,8 +95,8 @@ class Proxy:
         check_uri(request.uri)
         info = inspect_body(request.body, request.header(b"content-type"))
         now = self.clock.seconds()
-        deadline = Deadline(self.clock, lambda code: self._timed_out(ex, code))
-        ex = Exchange(request, response, user, self.settings_for(user), now, info, deadline)
+        ex = Exchange(request, response, user, self.settings_for(user), now, info)
+        ex.deadline = Deadline(self.clock, partial(self._timed_out, ex))
         self.active.add(ex)
         self.memory.seen(len(self.active))
         return Deferred.fromCoroutine(self._run(ex))

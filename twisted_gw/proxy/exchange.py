@@ -38,6 +38,8 @@ class Deadline:
     resets it.  C{expired} is called with the code given to L{set}.
     """
 
+    __slots__ = ("at", "clock", "code", "expired", "timer")
+
     def __init__(self, clock: IReactorTime, expired: Callable[[str], None]) -> None:
         self.clock = clock
         self.expired = expired
@@ -80,7 +82,7 @@ class Exchange:
     settings: UserSettings
     started: float
     info: BodyInfo
-    deadline: Deadline
+    deadline: Deadline = attrs.field(init=False)  # (made for the exchange: it reports to it)
     headers_sent: bool = False
     event_stream: bool = False
     status: int = 0

@@ -42,8 +42,9 @@ class _Unreachable(Exception):
 def upstream_headers(ex: Exchange) -> list[tuple[bytes, list[bytes]]]:
     """The client's headers to send on; X-Gateway-User is the gateway's to say (REQUEST_DROP has it)."""
     headers = ex.request.headers
-    connection = [v for name, values in headers if name.lower() == b"connection" for v in values]
-    kept = [(name, list(values)) for name, values in forward_headers(headers, connection, REQUEST_DROP)]
+    connection = headers.getRawHeaders(b"connection", [])
+    kept = [(name, list(values)) for name, values in forward_headers(headers.getAllRawHeaders(), connection,
+                                                                       REQUEST_DROP)]
     kept.append((GATEWAY_USER_HEADER, [ex.user.encode("utf-8")]))
     return kept
 

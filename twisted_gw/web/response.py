@@ -15,15 +15,14 @@ from twisted_gw.proxy import ClientRequest, IClientResponse
 def client_request(request: Request) -> ClientRequest:
     """What the client sent, as the proxy reads it."""
     content = request.content
-    return ClientRequest(
-        request.method, request.uri, list(request.requestHeaders.getAllRawHeaders()),
-        content.read() if content is not None else b"",
-    )
+    return ClientRequest(request.method, request.uri, request.requestHeaders, content.read() if content else b"")
 
 
 @implementer(IClientResponse)
 class WebResponse:
     """The response to C{request}, written through its public methods."""
+
+    __slots__ = ("request",)
 
     def __init__(self, request: Request) -> None:
         self.request = request
