@@ -28,6 +28,16 @@ reactor: Any = _reactor
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send C{request} on a new connection to 127.0.0.1:C{port}, and read everything until the other side closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        return answer
+
+
 def free_port() -> int:
     """A port that was free a moment ago (for a subprocess that must be told its port)."""
     with socket.socket() as s:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 from typing import Any
 
 import openai
-from support import ALICE, BOB, GatewayTestCase, chat_body, content_needle, reactor, sse_data
+from support import ALICE, BOB, GatewayTestCase, chat_body, content_needle, raw_exchange, reactor, sse_data
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThread
@@ -244,12 +243,7 @@ class LimitTests(GatewayTestCase):
         port = self.gw.port.getHost().port  # type: ignore[attr-defined]
 
         def send(head: bytes, body: bytes = b"") -> bytes:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                s.sendall(head + body)
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-                return data
+            return raw_exchange(port, head + body)
 
         head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ALICE.encode()
                 + b"\r\nContent-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n")
@@ -351,12 +345,7 @@ class BadInputTests(GatewayTestCase):
         port = self.gw.port.getHost().port  # type: ignore[attr-defined]
 
         def send(data: bytes) -> bytes:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                s.sendall(data)
-                answer = b""
-                while chunk := s.recv(65536):
-                    answer += chunk
-                return answer
+            return raw_exchange(port, data)
 
         auth = b"Authorization: Bearer " + ALICE.encode() + b"\r\n"
         for raw in (

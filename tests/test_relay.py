@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 from typing import Any
 
-from support import ALICE, GatewayTestCase, chat_body, reactor
+from support import ALICE, GatewayTestCase, chat_body, raw_exchange, reactor
 from twisted.internet import task
 from twisted.internet.threads import deferToThread
 
@@ -40,16 +39,6 @@ def two_requests_on_one_connection(port: int) -> list[tuple[int, bytes]]:
         return answers
     finally:
         connection.close()
-
-
-def raw_exchange(port: int, request: bytes) -> bytes:
-    """Send C{request} (it asks to close) and read everything until the gateway closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(request)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-        return answer
 
 
 def get(path: bytes = b"/v1/models") -> bytes:
