@@ -107,11 +107,6 @@ class Gateway(MultiService):
         return Upstream(self.reactor, url, max_connections=places + 8, api_key=config.upstream_api_key,
                         ca_file=config.upstream_ca or None)
 
-    @property
-    def upstream(self) -> Upstream:
-        """The first upstream (the only one, usually)."""
-        return next(iter(self.upstreams.values()))
-
     def check(self, route: Route) -> Deferred[None]:
         """Check one upstream, then hand out whatever places its new state frees."""
         d = Deferred.fromCoroutine(probe(self.upstreams[route], route.needs_props))
