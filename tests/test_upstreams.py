@@ -266,3 +266,11 @@ class ManyUpstreamsTests(GatewayTestCase):
         self.assertEqual(samples[("llmgw_upstream_places", (("upstream", loading_url),))], 5)
         self.assertEqual(samples[("llmgw_queue_limit", ())], 3)
 
+    async def test_the_pool_keeps_a_connection_for_each_place_read_from_props(self) -> None:
+        big = FakeLlama(reactor, slots=40)
+        await self.started(big)
+        await self.start(fake=big, upstream_check_interval=0.1)
+        await self.metrics_until("checked", lambda d: d["upstreams"][0]["places"] == 40)
+        (upstream,) = self.gw.gateway.upstreams.values()
+        self.assertGreaterEqual(upstream.pool.maxPersistentPerHost, 40)
+

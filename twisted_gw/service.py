@@ -101,11 +101,10 @@ class Gateway(MultiService):
         return me_document(user, self.settings_for(user), self.accounting, self.admission, self.quotas)
 
     def _upstream(self, url: str, slots: Optional[int]) -> Upstream:
-        """One upstream; its pool keeps a connection for each of its places, and some for requests without one."""
+        """One upstream, its places as configured (llama.cpp's are read later, by the health checks)."""
         config = self.config
-        places = slots or config.max_concurrent or 4
-        return Upstream(self.reactor, url, max_connections=places + 8, api_key=config.upstream_api_key,
-                        ca_file=config.upstream_ca or None)
+        return Upstream(self.reactor, url, places=slots or config.max_concurrent or 1,
+                        api_key=config.upstream_api_key, ca_file=config.upstream_ca or None)
 
     def check(self, route: Route) -> Deferred[None]:
         """Check one upstream, then hand out whatever places its new state frees."""
@@ -115,6 +114,7 @@ class Gateway(MultiService):
         def checked(health: Health) -> None:
             self._checking.discard(d)
             route.update(health.state, health.slots, health.models, health.read_props)
+            self.upstreams[route].keep_connections(route.places)
             self.admission.changed()
 
         return d.addCallback(checked)

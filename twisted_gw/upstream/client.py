@@ -44,6 +44,9 @@ CACHED_CONNECTION_TIMEOUT = 4
 # An upstream response head larger than this is refused (nginx's default large buffers are 4 x 8 KB).
 MAX_HEAD = 64 * 1024
 
+# Connections kept alive beyond one per place, for the requests that take no place (model lists, checks).
+SPARE_CONNECTIONS = 8
+
 # A health check's or model list's body larger than this is not read.
 MAX_CHECK_BODY = 4 * 1024 * 1024
 
@@ -173,7 +176,7 @@ class Upstream:
         self,
         reactor: Any,
         base_url: str,
-        max_connections: int = 8,
+        places: int = 1,
         api_key: str = "",
         ca_file: Optional[str] = None,
     ) -> None:
@@ -189,7 +192,7 @@ class Upstream:
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(tls_policy(ca_file).creatorForNetloc(uri.host, uri.port), endpoint)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = max_connections
+        self.keep_connections(places)
         self.pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
         self.client = HTTPClient(
             Agent.usingEndpointFactory(reactor, _OneEndpoint(endpoint), pool=self.pool),
@@ -197,6 +200,10 @@ class Upstream:
             data_to_body_producer=BytesProducer,
         )
         self.llamacpp: Optional[bool] = None  # whether it is llama.cpp, once known (see is_llamacpp)
+
+    def keep_connections(self, places: int) -> None:
+        """Keep a connection alive for each of the upstream's C{places}, and some for requests that take none."""
+        self.pool.maxPersistentPerHost = places + SPARE_CONNECTIONS
 
     def url(self, uri: bytes) -> bytes:
         """The URL treq is given for a gateway request URI (path and query, kept as sent)."""
