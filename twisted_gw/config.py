@@ -191,6 +191,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest silence, in seconds, between two chunks of an upstream body; a generation "
             "that keeps producing is never cut.",
             _seconds("idle-timeout"), "idle_timeout"),
+    Setting("header-timeout", "HEADER_TIMEOUT", "60",
+            "Seconds a request's head (its request line and headers) may take to arrive, from its first byte; "
+            "a slower one gets 408 and its connection is closed.",
+            _seconds("header-timeout"), "header_timeout"),
     Setting("max-body", "MAX_BODY", str(16 * 1024 * 1024),
             "Largest request body in bytes; a larger one gets 413 without being read.",
             _positive_int("max-body"), "max_body"),
@@ -256,6 +260,7 @@ class Config:
     upstream_timeout: float = 600.0
     idle_timeout: float = 300.0
     max_body: int = 16 * 1024 * 1024
+    header_timeout: float = 60.0
     drain_timeout: float = 30.0
     assemble_non_stream: str = "auto"
     usage_db: str = "llmgw-usage.sqlite3"

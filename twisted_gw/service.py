@@ -85,7 +85,8 @@ class Gateway(MultiService):
             metrics_token=config.metrics_token,
             public_metrics=config.public_metrics,
         )
-        self.site = GatewaySite(self.app.resource(), max_body=config.max_body)
+        self.site = GatewaySite(self.app.resource(), max_body=config.max_body, header_timeout=config.header_timeout,
+                                early_refusal=self.app.early_refusal)
 
     # What the metrics endpoints read: the books of every request settled so far kept first.
     def _metrics(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from twisted_gw.apis.errors import GatewayError, error_json, unauthorized
+from twisted_gw.apis.errors import GatewayError, bad_request, error_json, unauthorized
 from twisted_gw.proxy import Proxy
 from twisted_gw.web.response import WebResponse, client_request
 
@@ -127,6 +127,36 @@ class GatewayApp:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
         return self.prometheus()
 
+    def early_refusal(self, target: bytes, request: IRequest) -> Optional[tuple[int, str, str, dict[bytes, bytes]]]:
+        """
+        The refusal a C{/v1} request (to C{target}, as its request line
+        says) gets from its headers alone (a missing or unknown key), for a
+        client that waits for C{100 Continue} before it sends its body; None
+        for anything else.
+        """
+        path = target.partition(b"?")[0]
+        if path != b"/v1" and not path.startswith(b"/v1/"):
+            return None
+        try:
+            self._user_of(request)
+        except GatewayError as e:
+            return (e.status, e.message, e.code or "error", e.headers)
+        return None
+
+    def _user_of(self, request: IRequest) -> str:
+        """The user whose key the request carries; raises the 401 (or 400, for two different keys) to answer."""
+        key = bearer_key(request)
+        other = request.getHeader(b"x-api-key")
+        if key is not None and other is not None and other.strip() != key.encode("utf-8"):
+            raise bad_request("The request carries two different keys (Authorization and x-api-key).",
+                              "ambiguous_credentials")
+        if key is None:
+            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        user = self.lookup_user(key)
+        if user is None:
+            raise unauthorized("Incorrect API key provided.")
+        return user
+
     def v1(self, request: Any) -> Deferred[None] | bytes:
         """
         A C{/v1} request: its key checked, then proxied; the Deferred fires
@@ -135,12 +165,7 @@ class GatewayApp:
         user: Optional[str] = None
         proxied = client_request(request)
         try:
-            key = bearer_key(request)
-            if key is None:
-                raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-            user = self.lookup_user(key)
-            if user is None:
-                raise unauthorized("Incorrect API key provided.")
+            user = self._user_of(request)
             if request.path == b"/v1/gateway/me":
                 if request.method not in (b"GET", b"HEAD"):
                     raise GatewayError(405, "Use GET.", "invalid_request_error", "method_not_allowed",
