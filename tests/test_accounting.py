@@ -65,6 +65,17 @@ class AccountingTests(SynchronousTestCase):
         clock.advance(301)
         self.assertEqual(accounting.percentiles()["p95_response_time_s"], None)
 
+    def test_latency_is_of_generations_only(self) -> None:
+        """Item 4 of the operations issue: twenty fast model lists made the dashboard say p50 0.001 s."""
+        accounting = Accounting(Clock())
+        for _ in range(20):
+            accounting.record(RequestRecord("a", "GET", "/v1/models", 200, 0, 0, 0.001, ttft=0.001))
+        accounting.record(RequestRecord("a", "POST", "/v1/chat/completions", 200, 5, 9, 4.0, ttft=0.5))
+        self.assertEqual(accounting.percentiles(), {"p50_response_time_s": 4.0, "p95_response_time_s": 4.0,
+                                                    "p50_ttft_s": 0.5, "p95_ttft_s": 0.5})
+        self.assertEqual(accounting.average_response_time(), 4.0)
+        self.assertEqual(accounting.totals.requests, 21)  # (counted all the same)
+
     def test_a_burst_expires_and_is_compacted(self) -> None:
         clock = Clock()
         accounting = Accounting(clock)

@@ -230,6 +230,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between checks of each upstream's /health, models and (llama.cpp) slots; an "
             "unhealthy upstream gets no new requests. 0: no checks (every upstream counts as healthy).",
             _seconds("upstream-check-interval", zero_allowed=True), "upstream_check_interval"),
+    Setting("upstream-down-grace", "UPSTREAM_DOWN_GRACE", "5",
+            "Seconds every upstream may be down (not loading) before generations get 503 no_upstream_available "
+            "at once, waiting ones too, instead of waiting for one to come back (a restart passes within it).",
+            _seconds("upstream-down-grace"), "upstream_down_grace"),
     Setting("users-poll-interval", "USERS_POLL_INTERVAL", "2",
             "Seconds between checks of the users file for changes.",
             _seconds("users-poll-interval"), "users_poll_interval"),
@@ -255,6 +259,7 @@ class Config:
     queue_update_interval: float = 1.0
     users_poll_interval: float = 2.0
     upstream_check_interval: float = 5.0
+    upstream_down_grace: float = 5.0
     max_queue: int = 100
     queue_timeout: float = 600.0
     upstream_timeout: float = 600.0

@@ -7,13 +7,15 @@ import signal
 import threading
 from typing import Any, Optional
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from twisted_gw.admission import Admission, Route, Router, UserSettings
+from twisted_gw import startup
+from twisted_gw.admission import DOWN, LOADING, OK, Admission, Availability, Route, Router, UserSettings
 from twisted_gw.admission.quota import Quotas
 from twisted_gw.books.accounting import Accounting
 from twisted_gw.books.ledger import Ledger, load_totals
@@ -27,21 +29,25 @@ from twisted_gw.upstream.health import Health, probe
 from twisted_gw.web import GatewayApp, GatewaySite
 from twisted_gw.web.users import UserSet, UsersFile
 
+log = Logger(namespace="llmgw")
+
 # Seconds the client connections have to take the last answers, once the requests are drained.
 CLOSE_TIMEOUT = 5.0
 
 
-class Gateway(MultiService):
+class Gateway(Service):
     """
-    The gateway's parts, started and stopped with the application; its
-    children are its listeners, stopped before it drains.  C{clock}:
-    the time of the queue, the proxy and the books (the reactor's unless a
-    test gives its own); connections and files use the reactor.
+    The gateway's parts, started and stopped with the application, and its
+    listeners (C{listen}: descriptions and endpoints), opened before the
+    reactor runs and closed before it drains.  C{clock}: the time of the
+    queue, the proxy and the books (the reactor's unless a test gives its
+    own); connections and files use the reactor.
     """
 
     def __init__(self, config: Config, reactor: Any, clock: Optional[IReactorTime] = None) -> None:
-        super().__init__()
         clock = reactor if clock is None else clock
+        self.listen: list[tuple[str, IStreamServerEndpoint]] = []
+        self.ports: list[tuple[str, IListeningPort]] = []
         self.config = config
         self.reactor = reactor
         self.tls_contexts: list[ReloadingContextFactory] = []
@@ -55,13 +61,16 @@ class Gateway(MultiService):
             tokens_per_minute=config.user_tokens_per_minute, tokens_per_day=config.user_tokens_per_day,
         )
         self.users = UsersFile(config.users_file, reactor, config.users_poll_interval)
+        upstreams = [(self._upstream(spec.url, spec.slots), spec.slots) for spec in config.upstreams]
+        # (routes are named by their URL without credentials: the names are in /metrics and in the logs)
         self.upstreams = {
-            Route(spec.url.rstrip("/"), slots=spec.slots or config.max_concurrent): self._upstream(spec.url, spec.slots)
-            for spec in config.upstreams
+            Route(upstream.base_url, slots=slots or config.max_concurrent): upstream for upstream, slots in upstreams
         }
         self.router = Router(list(self.upstreams))
         self.admission = Admission(self.router, clock, config.max_queue, config.queue_timeout,
                                    config.queue_update_interval)
+        self.availability = Availability(clock, self.router, config.upstream_down_grace,
+                                         self.admission.upstreams_available)
         self.accounting = Accounting(clock)
         self.quotas = Quotas(clock)
         self.proxy = Proxy(
@@ -84,6 +93,7 @@ class Gateway(MultiService):
             self._me,
             metrics_token=config.metrics_token,
             public_metrics=config.public_metrics,
+            upstreams_up=lambda: any(route.routable for route in self.router.routes),
         )
         self.site = GatewaySite(self.app.resource(), max_body=config.max_body, header_timeout=config.header_timeout,
                                 early_refusal=self.app.early_refusal)
@@ -114,18 +124,65 @@ class Gateway(MultiService):
 
         def checked(health: Health) -> None:
             self._checking.discard(d)
+            was = route.state
             route.update(health.state, health.slots, health.models, health.read_props)
             self.upstreams[route].keep_connections(route.places)
+            if route.state != was:
+                self._log_health(route, health)
+            self.availability.update()
             self.admission.changed()
 
         return d.addCallback(checked)
+
+    def _log_health(self, route: Route, health: Health) -> None:
+        """An upstream's state changed: say so, once."""
+        name = startup.redacted(route.name)
+        if route.state == OK:
+            source = route.describe()["places_from"]
+            how = {"props": "from /props", "configured": "configured"}.get(source, "by default")
+            log.info("upstream {upstream} up: {places} places {how}", upstream=name, places=route.places, how=how)
+        elif route.state == LOADING:
+            log.warn("upstream {upstream} loading (it answers 503; requests wait for it)", upstream=name)
+        elif route.state == DOWN:
+            log.error("upstream {upstream} down: {reason}", upstream=name, reason=health.reason or "no answer")
+
+    def privilegedStartService(self) -> None:
+        """
+        Listen, before the reactor runs: an endpoint that cannot be listened
+        on stops the process with one line saying which and why.
+        """
+        super().privilegedStartService()
+        for description, endpoint in self.listen:
+            outcome: list[Any] = []
+            endpoint.listen(self.site).addBoth(outcome.append)
+            if outcome and isinstance(outcome[0], Failure):
+                for _, port in self.ports:
+                    port.stopListening()
+                raise SystemExit(f"llmgw: error: cannot listen on {description}: {outcome[0].getErrorMessage()}")
+            if outcome:
+                self.ports.append((description, outcome[0]))
+            else:
+                log.warn("listening on {description} did not start at once", description=description)
 
     def reload_tls(self) -> None:
         """Read every TLS listener's certificate and key again (SIGHUP)."""
         for factory in self.tls_contexts:
             factory.reload()
 
+    def _say_where_things_are(self) -> None:
+        """One line for each part a misconfiguration would leave useless."""
+        config = self.config
+        for description, port in self.ports:
+            log.info("{line}", line=startup.listening(description, port))
+        for spec in config.upstreams:
+            log.info("{line}", line=startup.upstream(config, spec.url, spec.slots))
+        log.info("{line}", line=startup.ledger(self.ledger.path if self.ledger is not None else ""))
+        if self.ports:
+            log.info("{line}", line=startup.dashboard(config, *self.ports[0]))
+
     def startService(self) -> None:
+        super().startService()
+        self._say_where_things_are()
         if self.tls_contexts and threading.current_thread() is threading.main_thread():
             self._previous_sighup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload_tls)
@@ -141,9 +198,8 @@ class Gateway(MultiService):
             for route in self.upstreams:
                 loop = LoopingCall(self.check, route)
                 loop.clock = self.reactor
-                loop.start(self.config.upstream_check_interval, now=True)
+                loop.start(self.config.upstream_check_interval, now=True)  # (a check at once, at startup)
                 self._health.append(loop)
-        super().startService()  # the listeners last, once the users and the books are loaded
 
     def settings_for(self, user: str) -> UserSettings:
         """
@@ -167,7 +223,10 @@ class Gateway(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        await super().stopService()  # (the listeners: closed before anyone is told the gateway is shutting down)
+        super().stopService()
+        # the listeners are closed before anyone is told that the gateway is shutting down
+        await DeferredList([maybeDeferred(port.stopListening) for _, port in self.ports])
+        self.availability.stop()
         for loop in self._health:
             if loop.running:
                 loop.stop()
@@ -190,7 +249,7 @@ def ledger_enabled(path: str) -> bool:
     return bool(path) and path.lower() != "none"
 
 
-def makeService(config: Config, reactor: Any = None) -> MultiService:
+def makeService(config: Config, reactor: Any = None) -> Gateway:
     """The twistd application: the gateway and one listener per C{--listen}."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -206,5 +265,5 @@ def makeService(config: Config, reactor: Any = None) -> MultiService:
         endpoint, tls = server_endpoint(reactor, description)
         if tls is not None:
             gateway.tls_contexts.append(tls)
-        StreamServerEndpointService(endpoint, gateway.site).setServiceParent(gateway)
+        gateway.listen.append((description, endpoint))
     return gateway

@@ -52,6 +52,10 @@ class ShuttingDown(Exception):
     """The gateway is shutting down and admits nothing more."""
 
 
+class NoUpstream(Exception):
+    """Every upstream has been down for a while: nothing is admitted until one is back."""
+
+
 @attrs.define(eq=False)
 class Ticket:
     """A place held on one upstream (L{route}); release it exactly once."""
@@ -100,6 +104,7 @@ class Admission:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.closed = False
+        self.no_upstream = False
         self._scheduler = FairScheduler()
         self._waiters: dict[Entry, _Waiter] = {}
         self._running: dict[str, int] = {}
@@ -170,6 +175,8 @@ class Admission:
         """
         if self.closed:
             return fail(ShuttingDown())
+        if self.no_upstream:
+            return fail(NoUpstream())
         self._caps[user] = max_concurrent
         route = self.router.choose(model, exclude) if self._can_run(user) else None
         if route is not None:
@@ -231,6 +238,16 @@ class Admission:
             else:
                 self._sweep = self.clock.callLater(waiter.deadline - now, self._expire_due)
                 return
+
+    def upstreams_available(self, available: bool) -> None:
+        """
+        Whether any upstream may take a request (see L{Availability}): while
+        none may, every waiter and arrival fails with L{NoUpstream}.
+        """
+        self.no_upstream = not available
+        if self.no_upstream:
+            for waiter in list(self._waiters.values()):
+                self._expire(waiter, NoUpstream)
 
     def close(self) -> None:
         """Admit nothing more; every waiter fails with L{ShuttingDown}."""

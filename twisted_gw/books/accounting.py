@@ -139,7 +139,8 @@ class Accounting:
             totals.prompt_tokens += rec.prompt_tokens
             totals.completion_tokens += rec.completion_tokens
             totals.cancelled += rec.cancelled
-        self._recent.add(now, rec.completion_tokens, rec.duration, rec.ttft)
+        if rec.method == "POST":  # (the windows are about generations: a model list's time says nothing of them)
+            self._recent.add(now, rec.completion_tokens, rec.duration, rec.ttft)
         self._expire()
 
     def _expire(self) -> None:
@@ -155,13 +156,13 @@ class Accounting:
         return self._recent.tokens_since(horizon) / window
 
     def average_response_time(self) -> float:
-        """Mean duration of the requests finished in the last five minutes (0 when none)."""
+        """Mean duration of the generations (POSTs) finished in the last five minutes (0 when none)."""
         self._expire()
         durations = self._recent.durations()
         return sum(durations) / len(durations) if durations else 0.0
 
     def percentiles(self) -> dict[str, Optional[float]]:
-        """p50 and p95 of request duration and time to first token, over the last five minutes."""
+        """p50 and p95 of duration and time to first token of the generations finished in the last five minutes."""
         self._expire()
         durations = sorted(self._recent.durations())
         ttfts = sorted(self._recent.ttfts())

@@ -106,7 +106,6 @@ class Proxy:
             self.places.check_quota(ex)
             if ex.request.method == b"POST":  # (a generation takes a place; a model list does not)
                 ex.ticket = await self.places.take(ex)
-                ex.queue_wait = self.clock.seconds() - ex.started
             ex.running = True
             if ex.request.method == b"GET" and ex.request.path == b"/v1/models" and len(self.upstreams) > 1:
                 await self.forwarder.models_union(ex)

@@ -12,12 +12,15 @@ from functools import partial
 
 import attrs
 
-from twisted_gw.admission import Admission, QueueFull, QueueTimeout, Route, ShuttingDown, Ticket
+from twisted_gw.admission import Admission, NoUpstream, QueueFull, QueueTimeout, Route, ShuttingDown, Ticket
 from twisted_gw.admission.keepalive import Keepalives
 from twisted_gw.admission.quota import Quotas
 from twisted_gw.apis import sse
 from twisted_gw.apis.errors import GatewayError, unavailable
 from twisted_gw.proxy.exchange import Exchange
+
+# Seconds a client is asked to wait when no upstream is up (a restarting llama-server takes about that).
+NO_UPSTREAM_RETRY = 10
 
 
 @attrs.define
@@ -70,8 +73,13 @@ class Places:
             raise unavailable("Timed out waiting in the queue.", "queue_timeout", self.retry_after()) from None
         except ShuttingDown:
             raise unavailable("The gateway is shutting down.", "shutting_down", 5) from None
+        except NoUpstream:
+            raise unavailable("No upstream is up: every upstream has been down for a while.",
+                              "no_upstream_available", NO_UPSTREAM_RETRY) from None
         finally:
             self.keepalives.discard(ex)
+            if not exclude:  # (its time in the queue, however it left it: a place, a refusal, its client gone)
+                ex.queue_wait = self.admission.clock.seconds() - ex.started
 
     def retry_after(self) -> int:
         """Seconds until a place is likely free: the queue ahead times the mean request time."""

@@ -12,10 +12,12 @@ which is how llama.cpp learns to stop generating.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Optional
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
 from treq.client import HTTPClient
@@ -169,8 +171,25 @@ def _cookie_jar() -> Any:
     return CookieJar(DefaultCookiePolicy(allowed_domains=[]))
 
 
+def without_credentials(url: str) -> tuple[str, Optional[bytes]]:
+    """
+    C{url} without the user and password it may carry, and those as a Basic
+    C{Authorization} value (None when it has none): they are sent, never shown.
+    """
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return bare, b"Basic " + base64.b64encode(secret)
+
+
 class Upstream:
-    """Requests to one upstream base URL through a treq client and connection pool of its own."""
+    """
+    Requests to one upstream base URL through a treq client and connection
+    pool of its own.  A user and password in the URL are sent as Basic
+    authorization (unless C{api_key} is given) and kept out of C{base_url}.
+    """
 
     def __init__(
         self,
@@ -181,8 +200,8 @@ class Upstream:
         ca_file: Optional[str] = None,
     ) -> None:
         self.reactor = reactor
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
+        self.base_url, basic = without_credentials(base_url.rstrip("/"))
+        self.authorization = b"Bearer " + api_key.encode("utf-8") if api_key else basic
         uri = URI.fromBytes(self.base_url.encode("ascii"))
         self._host = _host_value(uri)
         # The agent connects to this upstream whatever the URL says; the URL's host is a name that
@@ -224,8 +243,8 @@ class Upstream:
         for name, values in headers:
             sent.setRawHeaders(name, list(values))
         sent.setRawHeaders(b"Host", [self._host])
-        if self.api_key:  # the upstream's own key (llama.cpp --api-key); never the client's
-            sent.setRawHeaders(b"Authorization", [b"Bearer " + self.api_key.encode("utf-8")])
+        if self.authorization is not None:  # the upstream's own key (llama.cpp --api-key); never the client's
+            sent.setRawHeaders(b"Authorization", [self.authorization])
         return self.client.request(
             method.decode("ascii"), self.url(uri), headers=sent, data=body or None,
             allow_redirects=False, unbuffered=True,

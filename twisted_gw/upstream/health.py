@@ -23,6 +23,16 @@ class Health:
     slots: Optional[int] = None
     models: Optional[frozenset[str]] = None
     read_props: bool = False  # whether /props was read (slots is then what it said, None for none)
+    reason: str = ""  # why it is down
+
+
+def _reason(e: BaseException) -> str:
+    """A short reason for a failed check, unwrapping Twisted's wrapper exceptions."""
+    inner = getattr(e, "reasons", None)
+    if inner:
+        return _reason(getattr(inner[0], "value", inner[0]))
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
 
 
 async def probe(upstream: Upstream, read_props: bool) -> Health:
@@ -38,9 +48,9 @@ async def probe(upstream: Upstream, read_props: bool) -> Health:
         if code in (404, 405):  # no /health here (an OpenAI-style server): the model list will do
             code, _ = await upstream.get_json(b"/v1/models")
         if code != 200:
-            return Health("loading" if code == 503 else "down")
+            return Health("loading") if code == 503 else Health("down", reason=f"it answered {code}")
         slots = upstream.learn_props(*await upstream.get_json(b"/props")) if read_props else None
         code, doc = await upstream.get_json(b"/v1/models")
         return Health("ok", slots, model_ids(doc) if code == 200 else None, read_props)
-    except Exception:
-        return Health("down")
+    except Exception as e:
+        return Health("down", reason=_reason(e))

@@ -69,6 +69,7 @@ class GatewayApp:
     me: Callable[[str], dict[str, Any]] = lambda user: {"user": user}
     metrics_token: str = ""
     public_metrics: bool = False
+    upstreams_up: Callable[[], bool] = lambda: True
     app: Klein = attrs.field(init=False, factory=Klein)
 
     def __attrs_post_init__(self) -> None:
@@ -98,7 +99,13 @@ class GatewayApp:
                           b"connect-src 'self'; img-src 'self'")
         return DASHBOARD
 
-    def health(self, request: IRequest) -> bytes:
+    def health(self, request: Any) -> bytes:
+        """
+        The process is alive; with C{?upstreams=1}, also that an upstream is
+        up (503 when none is), for load balancers and Docker's HEALTHCHECK.
+        """
+        if b"upstreams" in request.args and not self.upstreams_up():
+            return _json(request, 503, {"status": "no upstream is up"})
         return _json(request, 200, {"status": "ok"})
 
     def _check_metrics_access(self, request: IRequest) -> None:
