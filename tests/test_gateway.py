@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from support import ALICE, BOB, GatewayTestCase, chat_body, content_needle, reactor, sse_data
 from twisted.internet import task
@@ -307,6 +308,27 @@ class QueueTests(GatewayTestCase):
         # no keepalive after it started running
         clock.advance(60)
         self.assertEqual(body.count(b": keepalive\n\n"), 2)
+
+    async def test_a_stream_has_the_same_head_whether_it_waited_or_not(self) -> None:
+        """Item 6 of the operations issue: a queued stream said Server: TwistedWeb, one that did not wait llama.cpp."""
+        await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1)
+        first = await self.chat(stream=True)
+        second = await self.chat(stream=True, key=BOB)
+        await second.body.wait_for(b": queue position=1")
+        self.fake.release(2 * len(self.fake.reply))
+        await first.text()
+        await second.text()
+
+        def head(reply: Any) -> dict[bytes, list[bytes]]:
+            skip = {b"date", b"x-queue-position"}
+            return {name.lower(): values for name, values in reply.response.headers.getAllRawHeaders()
+                    if name.lower() not in skip}
+
+        self.assertEqual(head(first), head(second))
+        self.assertTrue(head(first)[b"server"][0].startswith(b"TwistedWeb/"))
+        self.assertNotIn(b"access-control-allow-origin", head(first))
+        self.assertEqual(head(first)[b"content-type"], [b"text/event-stream"])
+        self.assertEqual(second.header("X-Queue-Position"), b"1")
 
     async def test_non_streaming_requests_wait_silently(self) -> None:
         await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1)

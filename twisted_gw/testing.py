@@ -265,6 +265,9 @@ class _FakeResource(resource.Resource):
             lambda _: self._ended(rec, completed=True),
             lambda _: self._ended(rec, completed=False),
         )
+        if fake.flavour == "llamacpp":  # (the headers llama-server puts on every answer)
+            request.setHeader(b"Server", b"llama.cpp")
+            request.setHeader(b"Access-Control-Allow-Origin", b"")
         path = request.path
         if fake.loading:
             return self._json(request, 503, _error(503, "Loading model", "unavailable_error"))

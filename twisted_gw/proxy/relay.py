@@ -54,10 +54,12 @@ class Relay:
             await self.relay_error_as_event(ex, response)
             return
         if not ex.headers_sent:
-            headers = list(passed_headers(response))
+            # An event stream's head is the gateway's own, whether it waited (its head went out before any
+            # upstream answered) or not; any other answer's headers are the upstream's.
             if event_stream:
-                headers += [(name, [value]) for name, value in SSE_HEADERS[1:]]
-            ex.start(response.code, headers)
+                ex.start(response.code, [(name, [value]) for name, value in SSE_HEADERS])
+            else:
+                ex.start(response.code, passed_headers(response))
             ex.event_stream = event_stream
             ex.write(b"")  # the headers go out now, as the upstream's did, not with the first piece to come
         kept: list[bytes] = []
