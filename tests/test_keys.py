@@ -129,6 +129,14 @@ class AddTests(KeysTestCase):
             f.write('{"sk-abc": ')
         self.assertFails("add", "carol", message="not valid JSON")
 
+    def test_names_the_installer_would_refuse_are_refused(self) -> None:
+        self.write({"users": {}})
+        for name in ("bad name!", "", "a/b", "x" * 65, "caf\u00e9"):
+            self.assertFails("add", name, message="invalid user name")
+        for name in ("carol", "carol.smith@example.org", "ci_bot-2", "x" * 64):
+            self.add(name)
+        self.assertEqual(len(self.doc()["users"]), 4)
+
     def test_users_file_from_the_environment(self) -> None:
         self.patch(os, "environ", dict(os.environ, USERS_FILE=self.path))
         code, out, _ = run("add", "carol")
@@ -170,9 +178,16 @@ class ListTests(KeysTestCase):
         self.assertEqual([(row["user"], row["keys"]) for row in json.loads(out)], [("alice", [key_id("sk-abc")])])
         self.assertEqual(self.read(), before)
 
-    def test_missing_file_is_empty(self) -> None:
-        self.assertEqual(self.keys("list", "--json")[:2], (0, "[]\n"))
+    def test_missing_file_is_an_error_naming_it(self) -> None:
+        code, out, err = self.keys("list")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn(f"no users file at {os.path.abspath(self.path)}", err)
+        self.assertIn("USERS_FILE", err)
         self.assertFalse(os.path.exists(self.path))
+
+    def test_empty_file_lists_nothing(self) -> None:
+        self.write({"users": {}})
+        self.assertEqual(self.keys("list", "--json")[:2], (0, "[]\n"))
 
 
 class RevokeTests(KeysTestCase):
@@ -210,6 +225,28 @@ class RevokeTests(KeysTestCase):
         self.assertFails("revoke", "carol", "abcdeg", message="at least 6 hex digits")
         self.assertEqual(self.keys("revoke", "carol", "abcdef1")[0], 0)
         self.assertEqual(self.doc()["users"]["carol"]["keys"], [f"sha256:{digests[0]}"])
+
+
+class RemoveTests(KeysTestCase):
+    def test_remove_takes_the_user_its_keys_and_settings(self) -> None:
+        self.write({"users": {"carol": {"keys": ["sk-one", "sk-two"], "weight": 2}, "bob": {"keys": ["sk-bob"]}}})
+        code, out, err = self.keys("remove", "carol")
+        self.assertEqual((code, out), (0, ""), err)
+        self.assertIn("removed 'carol' and its 2 key(s)", err)
+        self.assertEqual(self.doc(), {"users": {"bob": {"keys": ["sk-bob"]}}})
+        users = self.users()
+        self.assertEqual((users.lookup("sk-one"), users.lookup("sk-bob")), (None, "bob"))
+
+    def test_remove_from_the_original_form(self) -> None:
+        self.write({"sk-abc": "alice", "sk-def": "alice", "sk-xyz": "bob"})
+        self.assertEqual(self.keys("remove", "alice")[0], 0)
+        users = self.users()
+        self.assertEqual((users.lookup("sk-abc"), users.lookup("sk-def"), users.lookup("sk-xyz")),
+                         (None, None, "bob"))
+
+    def test_removing_nobody_changes_nothing(self) -> None:
+        self.write({"users": {"bob": {"keys": ["sk-bob"]}}})
+        self.assertFails("remove", "nobody", message="no user 'nobody'")
 
 
 class SetTests(KeysTestCase):
@@ -310,3 +347,11 @@ class RunningGatewayTests(GatewayTestCase):
         await self.gw.gateway.users.poll()
         self.assertEqual(self.gw.gateway.users.current.settings_of("bob").weight, 3.0)
         self.assertEqual(await self.status(BOB), 200)
+
+    async def test_removed_user_is_refused(self) -> None:
+        await self.start()
+        self.assertEqual(await self.status(BOB), 200)
+        self.keys("remove", "bob")
+        await self.gw.gateway.users.poll()
+        self.assertEqual(await self.status(BOB), 401)
+        self.assertEqual(await self.status(ALICE), 200)

@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 import sys
@@ -32,6 +33,8 @@ from twisted_gw.web.users import HASH_PREFIX, SETTING_FIELDS, UsersFileError, pa
 PROG = "llmgw-keys"
 ID_LENGTH = 12
 MIN_ID_PREFIX = 6
+# A user name: what docker/install.sh accepts too (it goes into logs, metrics labels and the ledger).
+USER_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
 
 class KeysError(Exception):
@@ -115,6 +118,8 @@ def user_entry(doc: dict[str, Any], user: str) -> dict[str, Any]:
 
 
 def cmd_add(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    if not USER_NAME.fullmatch(args.user):
+        raise KeysError(f"invalid user name {args.user!r}: 1 to 64 letters, digits, '.', '_', '@' or '-'")
     key = "sk-" + secrets.token_urlsafe(32)
     doc["users"].setdefault(args.user, {}).setdefault("keys", []).append(
         HASH_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest()
@@ -132,6 +137,8 @@ def show(value: Optional[float]) -> str:
 
 
 def cmd_list(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    if not os.path.exists(args.users):
+        raise KeysError(f"no users file at {os.path.abspath(args.users)} (give --users, or set USERS_FILE)")
     try:
         parsed = parse_users(json.dumps(doc).encode("utf-8"))
     except UsersFileError as e:
@@ -172,6 +179,13 @@ def cmd_revoke(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         entry["keys"] = [k for k in keys if key_hex(k) not in matches]
     save(args.users, doc)
     print(f"{PROG}: revoked {len(keys) - len(entry['keys'])} key(s) of {args.user!r}", file=sys.stderr)
+
+
+def cmd_remove(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    entry = user_entry(doc, args.user)
+    del doc["users"][args.user]
+    save(args.users, doc)
+    print(f"{PROG}: removed {args.user!r} and its {len(entry['keys'])} key(s)", file=sys.stderr)
 
 
 def parse_value(text: str) -> Optional[float]:
@@ -216,6 +230,9 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("user")
     revoke.add_argument("keyid", nargs="?", help=f"a key id as shown by list (at least {MIN_ID_PREFIX} hex digits)")
     revoke.set_defaults(run=cmd_revoke)
+    remove = sub.add_parser("remove", help="remove USER, its keys and its settings")
+    remove.add_argument("user")
+    remove.set_defaults(run=cmd_remove)
     setp = sub.add_parser("set", help="set one of USER's settings; VALUE 'none' removes it")
     setp.add_argument("user")
     setp.add_argument("field", choices=list(SETTING_FIELDS))
