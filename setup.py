@@ -20,7 +20,7 @@ setup(
         "klein>=24.8.0",
         "treq>=24.9.1",
         "werkzeug>=3.0.0",
-        "pyopenssl>=24.0.0",
+        "pyopenssl>=24.3.0",
         "cryptography>=41.0.5",
         "service-identity>=24.1.0",
         "attrs>=23.1.0",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_network
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_gw.config import Config, ConfigError, Options, UpstreamSpec, build_config
+from twisted_gw.web.access import describe
 
 
 def parse(argv: list[str], env: dict[str, str]) -> Config:
@@ -70,11 +73,23 @@ class ConfigTests(SynchronousTestCase):
             (["--upstream-check-interval", "-1"], {}, "0 or a positive number of seconds"),
             (["--idle-timeout", "inf"], {}, "a positive number of seconds"),
             (["--user-tokens-per-day", "-5"], {}, "0 (no limit) or more"),
+            (["--metrics-allow", "192.168.1.0/24, lan"], {}, "metrics-allow: 'lan' is not a network"),
+            ([], {"METRICS_ALLOW": "10.0.0.0/33"}, "'10.0.0.0/33' is not a network"),
         ]
         for argv, env, fragment in cases:
             with self.assertRaises(ConfigError) as caught:
                 parse(argv, env)
             self.assertIn(fragment, str(caught.exception), argv)
+
+    def test_metrics_allow_networks(self) -> None:
+        self.assertEqual(parse([], {}).metrics_allow, (ip_network("127.0.0.0/8"), ip_network("::1/128")))
+        config = parse([], {"METRICS_ALLOW": "loopback, 192.168.1.0/24 fd00::/8,10.0.0.9"})
+        self.assertEqual(config.metrics_allow, (ip_network("127.0.0.0/8"), ip_network("::1/128"),
+                                                ip_network("192.168.1.0/24"), ip_network("fd00::/8"),
+                                                ip_network("10.0.0.9/32")))
+        self.assertEqual(describe(config.metrics_allow), "loopback, 192.168.1.0/24, fd00::/8, 10.0.0.9/32")
+        self.assertEqual(parse(["--metrics-allow", "none"], {"METRICS_ALLOW": "10.0.0.0/8"}).metrics_allow, ())
+        self.assertEqual(describe(()), "no network")
 
     def test_zero_turns_off_checks_and_limits(self) -> None:
         config = parse(["--upstream-check-interval", "0", "--user-max-concurrent", "0"], {"USER_TOKENS_PER_DAY": "500"})

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, Optional
 
 from support import ALICE, BOB, GatewayTestCase, reactor
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from twisted_gw.testing import FakeLlama
+from twisted_gw.web.access import parse_networks
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def missing_browser(chromium: Optional[str], driver: Optional[str]) -> Optional[str]:
+    """Why the browser tests cannot run, naming what is missing; None when both are there."""
+    missing = [what for what, path in (("Chromium (Debian package chromium)", chromium),
+                                       ("chromedriver (Debian package chromium-driver)", driver)) if path is None]
+    if not missing:
+        return None
+    verb = "is" if len(missing) == 1 else "are"
+    return f"{' and '.join(missing)} {verb} not installed; .ci/run installs them as root"
 
 
 def browser() -> Any:
@@ -23,15 +34,32 @@ def browser() -> Any:
         from selenium import webdriver
     except ImportError:
         raise SkipTest("selenium is not installed (pip install selenium)") from None
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        raise SkipTest("Chromium and its driver are not installed (Debian: chromium chromium-driver; .ci/run does it)")
+    why = missing_browser(CHROMIUM, CHROMEDRIVER)
+    if why:
+        raise SkipTest(why)
     options = webdriver.ChromeOptions()
+    assert CHROMIUM is not None
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--window-size=1200,1400"):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+
+
+class SkipMessageTests(SynchronousTestCase):
+    def test_names_what_is_missing(self) -> None:
+        self.assertIsNone(missing_browser("/usr/bin/chromium", "/usr/bin/chromedriver"))
+        only_driver = missing_browser("/usr/bin/chromium", None)
+        self.assertEqual(only_driver, "chromedriver (Debian package chromium-driver) is not installed; "
+                                      ".ci/run installs them as root")
+        only_browser = missing_browser(None, "/usr/bin/chromedriver")
+        assert only_browser is not None
+        self.assertTrue(only_browser.startswith("Chromium (Debian package chromium) is not installed"))
+        both = missing_browser(None, None)
+        assert both is not None
+        self.assertIn("Chromium (Debian package chromium) and chromedriver", both)
+        self.assertIn("are not installed", both)
 
 
 class DashboardTests(GatewayTestCase):
@@ -139,3 +167,51 @@ class DashboardTests(GatewayTestCase):
         kept, limit = await deferToThread(log_in)
         self.assertEqual(kept, "m-secret")
         self.assertEqual(limit, "1")
+
+    async def test_says_what_access_it_needs(self) -> None:
+        # a client the gateway does not trust by address, as a LAN browser would be by default
+        await self.start(metrics_allow=parse_networks("10.0.0.0/8"))
+        driver = await deferToThread(browser)
+        self.addCleanup(lambda: deferToThread(driver.quit))
+        await deferToThread(driver.get, self.gw.url + "/dashboard")
+
+        def read() -> dict[str, Any]:
+            from selenium.webdriver.common.by import By
+            from selenium.webdriver.support.ui import WebDriverWait
+
+            WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "access").is_displayed())
+            return {
+                "text": driver.find_element(By.ID, "access").text,
+                "status": driver.find_element(By.ID, "status").text,
+                "token_form": driver.find_element(By.ID, "login").is_displayed(),
+                "board": driver.find_element(By.ID, "board").is_displayed(),
+            }
+
+        shown = await deferToThread(read)
+        self.assertEqual(shown["status"], "no access")
+        self.assertFalse(shown["token_form"])  # no token was configured: asking for one helps nobody
+        self.assertFalse(shown["board"])
+        for needed in ("--metrics-token", "METRICS_TOKEN", "--metrics-allow", "METRICS_ALLOW", "--public-metrics",
+                       "not from 127.0.0.1", "10.0.0.0/8"):
+            self.assertIn(needed, shown["text"])
+
+    async def test_a_wrong_token_is_said_to_be_refused(self) -> None:
+        await self.start(metrics_token="m-secret")
+        driver = await deferToThread(browser)
+        self.addCleanup(lambda: deferToThread(driver.quit))
+        await deferToThread(driver.get, self.gw.url + "/dashboard")
+
+        def try_wrong() -> tuple[str, str]:
+            from selenium.webdriver.common.by import By
+            from selenium.webdriver.support.ui import WebDriverWait
+
+            WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "login").is_displayed())
+            first = driver.find_element(By.ID, "login-why").text
+            driver.find_element(By.ID, "token").send_keys("wrong")
+            driver.find_element(By.CSS_SELECTOR, "#token-form button").click()
+            WebDriverWait(driver, 20).until(lambda d: "refused" in d.find_element(By.ID, "login-why").text)
+            return first, driver.find_element(By.ID, "login-why").text
+
+        first, refused = await deferToThread(try_wrong)
+        self.assertIn("--metrics-token (METRICS_TOKEN)", first)
+        self.assertIn("That token was refused", refused)

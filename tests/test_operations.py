@@ -88,7 +88,7 @@ class StartupTests(GatewayTestCase):
             f"upstream http://bob:***@{bare.removeprefix('http://')}: places read from llama.cpp's /props",
             f"users file users.json loaded: {len(KEYS)} users",
             f"usage ledger: {os.path.join(workdir, 'ledger.sqlite3')}",
-            f"dashboard: http://127.0.0.1:{port}/dashboard (metrics for loopback clients only",
+            f"dashboard: http://127.0.0.1:{port}/dashboard (metrics for clients of loopback only",
             f"upstream {bare} up: 3 places from /props",
         ):
             self.assertIn(expected, output)

@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import warnings
 from typing import Any
 
 import trustme
@@ -24,7 +25,7 @@ from support import (
     reactor,
 )
 from twisted.internet import task
-from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair
+from twisted.internet.ssl import Certificate
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed
@@ -33,7 +34,7 @@ from twisted.web.http_headers import Headers
 from twisted_gw.config import Config, UpstreamSpec
 from twisted_gw.service import Gateway
 from twisted_gw.testing import BytesProducer, FakeLlama
-from twisted_gw.tls import server_endpoint
+from twisted_gw.tls import ReloadingContextFactory, server_endpoint
 from twisted_gw.tlsgen import main as tls_main
 
 
@@ -65,7 +66,7 @@ class TLSTests(TestCase):
 
     async def serve(self, key: str, cert: str, fake: FakeLlama | None = None, **config: Any) -> tuple[Gateway, int]:
         self.fake = fake or FakeLlama(reactor)
-        if not self.fake._port:
+        if not self.fake.listening:
             await self.fake.start()
             self.addCleanup(self.fake.stop)
         config.setdefault("upstreams", (UpstreamSpec(config.pop("upstream", self.fake.url)),))
@@ -98,6 +99,16 @@ class TLSTests(TestCase):
         with self.assertRaises(ResponseFailed):
             await self.get(self.agent(trustme.CA().cert_pem.bytes()), f"https://localhost:{port}/health")
 
+    async def test_chain_in_the_certificate_file_is_served(self) -> None:
+        root = trustme.CA()
+        key, cert = self.issue(root.create_child_ca(), "leaf", "localhost")
+        with open(cert, "rb") as f:
+            self.assertEqual(f.read().count(b"BEGIN CERTIFICATE"), 2)  # the leaf, then the intermediate
+        _, port = await self.serve(key, cert)
+        # a client that trusts only the root needs the intermediate from the server
+        code, _ = await self.get(self.agent(root.cert_pem.bytes()), f"https://localhost:{port}/health")
+        self.assertEqual(code, 200)
+
     async def test_wrong_host_name_is_refused_by_the_client(self) -> None:
         ca = trustme.CA()
         key, cert = self.issue(ca, "other", "other.example")
@@ -109,6 +120,12 @@ class TLSTests(TestCase):
         ca = trustme.CA()
         key, cert = self.issue(ca, "good", "localhost")
         _, port = await self.serve(key, cert)
+
+        # the old versions this client offers are deprecated in Python's ssl module: on purpose here
+        caught = warnings.catch_warnings()
+        caught.__enter__()
+        self.addCleanup(caught.__exit__, None, None, None)
+        warnings.filterwarnings("ignore", r"ssl\.TLSVersion\.TLSv1(_1)? is deprecated", DeprecationWarning)
 
         def handshake(version: ssl.TLSVersion, to: int = port) -> str:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -176,11 +193,7 @@ class TLSTests(TestCase):
         ca = trustme.CA()
         up_key, up_cert = self.issue(ca, "upstream", "localhost")
         fake = FakeLlama(reactor)
-        tls = CertificateOptions(
-            privateKey=KeyPair.load(open(up_key, "rb").read(), 1).original,
-            certificate=Certificate.loadPEM(open(up_cert, "rb").read()).original,
-        )
-        await fake.start(tls)
+        await fake.start(ReloadingContextFactory(up_key, up_cert))
         self.addCleanup(fake.stop)
         fake_url = fake.url.replace("127.0.0.1", "localhost")
         ca_file = write(os.path.join(self.dir, "upstream-ca.pem"), ca.cert_pem.bytes())

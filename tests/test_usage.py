@@ -23,7 +23,7 @@ from prometheus_client import (
 from prometheus_client.parser import text_string_to_metric_families
 from support import ALICE, BOB, TWISTD, GatewayTestCase, chat_body, content_needle, reactor, sse_data
 from twisted.internet import task
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, eventAsText, globalLogPublisher
@@ -36,6 +36,7 @@ from twisted_gw.apis.errors import GatewayError
 from twisted_gw.books import prometheus
 from twisted_gw.books.record import RequestRecord
 from twisted_gw.testing import FakeLlama
+from twisted_gw.web.access import parse_networks
 
 
 def normalised(body: bytes) -> bytes:
@@ -258,6 +259,10 @@ class MetricsProtectionTests(GatewayTestCase):
             ok = await self.call("GET", path, key="m-secret")
             self.assertEqual(ok.code, 200)
             await ok.text()
+            # with the token, a request through a proxy is served too
+            ok = await self.call("GET", path, key="m-secret", headers={"CF-Connecting-IP": ["203.0.113.9"]})
+            self.assertEqual(ok.code, 200)
+            await ok.text()
 
     async def test_loopback_only_unless_public(self) -> None:
         await self.start()
@@ -275,6 +280,38 @@ class MetricsProtectionTests(GatewayTestCase):
         request = DummyRequest([b"metrics"])
         request.client = IPv4Address("TCP", "10.1.2.3", 40000)
         self.assertIn(b"llmgw_queue_limit", app.metrics_prometheus(request))
+
+    async def test_networks_of_metrics_allow(self) -> None:
+        await self.start(metrics_allow=parse_networks("10.0.0.0/8, fd00::/8 192.168.1.7"))
+        app = self.gw.gateway.app
+        cases = (("10.1.2.3", True), ("192.168.1.7", True), ("fd00::1", True), ("::ffff:10.9.9.9", True),
+                 ("192.168.1.8", False), ("127.0.0.1", False), ("::1", False))
+        for client, allowed in cases:
+            request = DummyRequest([b"metrics"])
+            request.client = (IPv6Address if ":" in client else IPv4Address)("TCP", client, 40000)
+            if allowed:
+                self.assertIn("queue", json.loads(app.metrics_json(request)), client)
+            else:
+                self.assertRaises(GatewayError, app.metrics_json, request)
+        # this test's own loopback client is refused, with what to do about it
+        reply = await self.call("GET", "/metrics", key=None)
+        self.assertEqual(reply.code, 403)
+        message = json.loads(await reply.text())["error"]["message"]
+        self.assertIn("10.0.0.0/8, fd00::/8, 192.168.1.7/32", message)
+        self.assertIn("not from 127.0.0.1", message)
+        for option in ("--metrics-token", "--metrics-allow", "--public-metrics"):
+            self.assertIn(option, message)
+
+    async def test_a_request_through_a_proxy_is_not_let_in_by_address(self) -> None:
+        # cloudflared (or nginx) on the gateway's machine connects from 127.0.0.1 for clients from anywhere
+        await self.start()
+        for header in ("X-Forwarded-For", "CF-Connecting-IP", "Forwarded"):
+            reply = await self.call("GET", "/metrics", key=None, headers={header: ["203.0.113.9"]})
+            self.assertEqual(reply.code, 403, header)
+            self.assertIn("through a proxy", json.loads(await reply.text())["error"]["message"])
+        reply = await self.call("GET", "/metrics", key=None)
+        self.assertEqual(reply.code, 200)
+        await reply.text()
 
 
 class BooksTests(GatewayTestCase):

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.python import usage
 
+from twisted_gw.web.access import LOOPBACK, Network, parse_networks
+
 
 class ConfigError(usage.UsageError):
     """A setting has a value the gateway cannot run with."""
@@ -72,6 +74,13 @@ def _readable_file_or_empty(name: str) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def _networks(text: str) -> tuple[Network, ...]:
+    try:
+        return parse_networks(text)
+    except ValueError as e:
+        raise ConfigError(f"metrics-allow: {e}") from None
 
 
 @attrs.frozen
@@ -214,6 +223,11 @@ SETTINGS: tuple[Setting, ...] = (
             "When set, /metrics and /metrics/prometheus require 'Authorization: Bearer <token>'. "
             "When unset, they answer loopback clients only, unless --public-metrics.",
             str, "metrics_token"),
+    Setting("metrics-allow", "METRICS_ALLOW", "loopback",
+            "Without a metrics token, the networks whose clients may read the metrics (and so the dashboard): "
+            "comma or space separated, like 'loopback, 192.168.1.0/24'; 'none' for none. A request that came "
+            "through a proxy (Forwarded, X-Forwarded-For, CF-Connecting-IP) is never let in by address.",
+            _networks, "metrics_allow"),
     Setting("user-max-concurrent", "USER_MAX_CONCURRENT", "0",
             "Default for users without their own max_concurrent: places one user may hold at once (0: no limit).",
             _optional_limit("user-max-concurrent"), "user_max_concurrent"),
@@ -271,6 +285,7 @@ class Config:
     usage_db: str = "llmgw-usage.sqlite3"
     metrics_token: str = ""
     public_metrics: bool = False
+    metrics_allow: tuple[Network, ...] = LOOPBACK
     user_max_concurrent: Optional[int] = None
     user_max_queued: Optional[int] = None
     user_tokens_per_minute: Optional[int] = None

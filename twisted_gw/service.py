@@ -93,6 +93,7 @@ class Gateway(Service):
             self._me,
             metrics_token=config.metrics_token,
             public_metrics=config.public_metrics,
+            metrics_allow=config.metrics_allow,
             upstreams_up=lambda: any(route.routable for route in self.router.routes),
         )
         self.site = GatewaySite(self.app.resource(), max_body=config.max_body, header_timeout=config.header_timeout,

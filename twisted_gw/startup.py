@@ -8,6 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.internet.interfaces import IListeningPort
 
 from twisted_gw.config import Config
+from twisted_gw.web.access import describe
 
 
 def redacted(url: str) -> str:
@@ -40,7 +41,8 @@ def dashboard(config: Config, description: str, port: IListeningPort) -> str:
     elif config.public_metrics:
         access = "metrics public"
     else:
-        access = "metrics for loopback clients only; set --metrics-token or --public-metrics to open them to others"
+        access = (f"metrics for clients of {describe(config.metrics_allow)} only; set --metrics-token, "
+                  "--metrics-allow or --public-metrics to open them to others")
     return f"dashboard: {scheme}://{address}:{getattr(host, 'port', '')}/dashboard ({access})"
 
 

@@ -12,20 +12,26 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IOpenSSLContextFactory, IStreamServerEndpoint
-from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair, TLSVersion
+from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from zope.interface import implementer
 
 log = Logger(namespace="llmgw.tls")
 
+# the private keys pyOpenSSL's Context takes
+SERVER_KEYS = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey,
+               dsa.DSAPrivateKey)
 _RELOADABLE = {"privateKey", "certKey", "interface", "backlog", "extraCertChain"}
 
 
 def certificates_from_pem(pem: bytes) -> list[Certificate]:
-    """Every certificate of a PEM bundle, in order."""
+    """Every certificate of a PEM bundle, in order, as Twisted's (for a client's trust root)."""
     marker = b"-----BEGIN CERTIFICATE-----"
     return [Certificate.loadPEM(marker + block) for block in pem.split(marker)[1:]]
 
@@ -41,21 +47,27 @@ class ReloadingContextFactory:
         self._context = self._load()
 
     def _load(self) -> SSL.Context:
+        # cryptography's objects, which pyOpenSSL takes as they are (its own X509 and PKey are deprecated);
+        # a certKey file holding the whole chain serves the certificates after the first as the chain
         with open(self.certificate, "rb") as f:
-            cert_pem = f.read()
+            certificates = x509.load_pem_x509_certificates(f.read())
         with open(self.private_key, "rb") as f:
-            key_pem = f.read()
-        chain: list[Any] = []
+            key = load_pem_private_key(f.read(), password=None)
+        if not isinstance(key, SERVER_KEYS):
+            raise ValueError(f"{self.private_key}: a {type(key).__name__} cannot sign for TLS (RSA, ECDSA, Ed25519)")
+        chain = certificates[1:]
         if self.chain:
             with open(self.chain, "rb") as f:
-                chain = [c.original for c in certificates_from_pem(f.read())]
-        options = CertificateOptions(
-            privateKey=KeyPair.load(key_pem, format=1).original,  # 1 = FILETYPE_PEM
-            certificate=Certificate.loadPEM(cert_pem).original,
-            extraCertChain=chain,
-            raiseMinimumTo=TLSVersion.TLSv1_2,
-        )
-        return options.getContext()
+                chain += x509.load_pem_x509_certificates(f.read())
+        # Twisted's defaults (ciphers, options, TLS 1.2 at least) on a context of our own, given
+        # the certificate and key through pyOpenSSL's Context methods, which take cryptography's objects
+        context = CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2).getContext()
+        context.use_certificate(certificates[0])
+        for certificate in chain:
+            context.add_extra_chain_cert(certificate)
+        context.use_privatekey(key)
+        context.check_privatekey()
+        return context
 
     def reload(self) -> None:
         """Read the files again; on error keep serving the certificate in use."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hmac
 import importlib.resources
-import ipaddress
 import json
 from collections.abc import Callable
 from typing import Any, Optional
@@ -23,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from twisted_gw.apis.errors import GatewayError, bad_request, error_json, unauthorized
 from twisted_gw.proxy import Proxy
+from twisted_gw.web.access import LOOPBACK, PROXY_HEADERS, Network, address_allowed, describe
 from twisted_gw.web.response import WebResponse, client_request
 
 log = Logger(namespace="llmgw.web")
@@ -35,13 +35,6 @@ def _json(request: IRequest, status: int, doc: Any) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     return json.dumps(doc).encode("utf-8")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.removeprefix("::ffff:")).is_loopback
-    except ValueError:
-        return False
 
 
 def bearer_key(request: IRequest) -> Optional[str]:
@@ -69,6 +62,7 @@ class GatewayApp:
     me: Callable[[str], dict[str, Any]] = lambda user: {"user": user}
     metrics_token: str = ""
     public_metrics: bool = False
+    metrics_allow: tuple[Network, ...] = LOOPBACK
     upstreams_up: Callable[[], bool] = lambda: True
     app: Klein = attrs.field(init=False, factory=Klein)
 
@@ -109,7 +103,7 @@ class GatewayApp:
         return _json(request, 200, {"status": "ok"})
 
     def _check_metrics_access(self, request: IRequest) -> None:
-        """User names are private: a token when one is set, else loopback only (unless public)."""
+        """User names are private: a token when one is set, else clients of --metrics-allow (unless public)."""
         request.setHeader(b"Cache-Control", b"no-store")
         if self.metrics_token:
             key = bearer_key(request)
@@ -119,9 +113,13 @@ class GatewayApp:
         if self.public_metrics:
             return
         host = getattr(request.getClientAddress(), "host", "")
-        if not _is_loopback(host):
+        proxied = any(request.requestHeaders.hasHeader(name) for name in PROXY_HEADERS)
+        if proxied or not address_allowed(host, self.metrics_allow):
+            why = "through a proxy" if proxied else f"from {host or 'an unknown address'}"
             raise GatewayError(
-                403, "Metrics are served to loopback clients only; set --metrics-token or --public-metrics.",
+                403, f"Metrics are served without a token only to clients of {describe(self.metrics_allow)} that "
+                f"reach the gateway directly, not {why}; its admin can set --metrics-token (METRICS_TOKEN), "
+                "--metrics-allow (METRICS_ALLOW) or --public-metrics.",
                 "permission_error", "metrics_forbidden",
             )
 
