@@ -31,6 +31,7 @@ setup(
         "console_scripts": [
             "llmgw-keys = twisted_gw.keys:main",
             "llmgw-tls = twisted_gw.tlsgen:main",
+            "llmgw-usage = twisted_gw.usage:main",
         ],
     },
     extras_require={

@@ -88,6 +88,7 @@ else
     echo "LAN_PORT=8000"
     echo "LAN_TLS_PORT=8443"
     echo "TUNNEL_TOKEN=$tunnel_token"
+    if [ -n "$tunnel_token" ]; then echo "COMPOSE_PROFILES=tunnel"; else echo "COMPOSE_PROFILES="; fi
   } > "$env_file.tmp"
   mv "$env_file.tmp" "$env_file"
   echo "wrote $env_file"
@@ -120,5 +121,5 @@ PY
 if [ "$start" = 1 ]; then
   [ "$dir" = "$here" ] || die "--dir is for --no-start only: compose.yaml mounts $here/config"
   command -v docker >/dev/null || die "docker is not installed; start later with: docker compose -f $dir/compose.yaml up -d --build"
-  docker compose -f "$here/compose.yaml" --env-file "$env_file" up -d --build
+  docker compose -f "$here/compose.yaml" --env-file "$env_file" up -d --build --remove-orphans
 fi

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any, Optional
 
 import attrs
@@ -26,6 +27,7 @@ from twisted_gw.testing import BytesProducer, FakeLlama, RunningGateway, start_g
 reactor: Any = _reactor
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+USAGE = os.path.join(os.path.dirname(sys.executable), "llmgw-usage")  # the console script setup.py installs
 
 
 def raw_exchange(port: int, request: bytes) -> bytes:
@@ -48,6 +50,15 @@ def free_port() -> int:
 KEYS = {"sk-alice-key": "alice", "sk-bob-key": "bob"}
 ALICE = "sk-alice-key"
 BOB = "sk-bob-key"
+
+
+async def until(condition: Callable[[], object], seconds: float = 10.0) -> None:
+    """Poll C{condition} on the reactor until it holds; fail after C{seconds}."""
+    deadline = reactor.seconds() + seconds
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError("timed out waiting")
+        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 def chat_body(stream: bool = False, **extra: Any) -> bytes:

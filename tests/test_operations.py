@@ -10,7 +10,7 @@ import os
 import subprocess
 from typing import Any, cast
 
-from support import ALICE, BOB, KEYS, TWISTD, GatewayTestCase, free_port, reactor, sse_data
+from support import ALICE, BOB, KEYS, TWISTD, GatewayTestCase, free_port, reactor, sse_data, until
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -31,14 +31,6 @@ def lines(events: list[dict[str, Any]], namespace: str = "llmgw") -> list[str]:
     from twisted.logger import formatEvent
 
     return [formatEvent(e) for e in events if e.get("log_namespace") == namespace]
-
-
-async def until(condition: Any, seconds: float = 10.0) -> None:
-    deadline = reactor.seconds() + seconds
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError("timed out waiting")
-        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 class StartupTests(GatewayTestCase):

@@ -24,6 +24,7 @@ from support import (
     free_port,
     reactor,
 )
+from test_healthcheck import run_check
 from twisted.internet import task
 from twisted.internet.ssl import Certificate
 from twisted.internet.threads import deferToThread
@@ -108,6 +109,13 @@ class TLSTests(TestCase):
         # a client that trusts only the root needs the intermediate from the server
         code, _ = await self.get(self.agent(root.cert_pem.bytes()), f"https://localhost:{port}/health")
         self.assertEqual(code, 200)
+
+    async def test_container_health_check_over_tls(self) -> None:
+        key, cert = self.issue(trustme.CA(), "lan", "gpu-box.lan")  # a LAN name, checked on 127.0.0.1
+        _, port = await self.serve(key, cert)
+        done = await deferToThread(run_check, f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(f"https://127.0.0.1:{port}/health?upstreams=1: 200", done.stdout)
 
     async def test_wrong_host_name_is_refused_by_the_client(self) -> None:
         ca = trustme.CA()

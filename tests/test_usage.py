@@ -21,7 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from support import ALICE, BOB, TWISTD, GatewayTestCase, chat_body, content_needle, reactor, sse_data
+from support import ALICE, BOB, TWISTD, USAGE, GatewayTestCase, chat_body, content_needle, reactor, sse_data
 from twisted.internet import task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList
@@ -34,6 +34,7 @@ from twisted_gw import usage
 from twisted_gw.admission import Admission, Router
 from twisted_gw.apis.errors import GatewayError
 from twisted_gw.books import prometheus
+from twisted_gw.books.ledger import INSERT, SCHEMA
 from twisted_gw.books.record import RequestRecord
 from twisted_gw.testing import FakeLlama
 from twisted_gw.web.access import parse_networks
@@ -147,6 +148,56 @@ class LedgerTests(GatewayTestCase):
             usage.main(["--db", db, "--by", "model", "--csv", "--since", "2999-01-01"])
         self.assertEqual(out.getvalue(), "model,requests,prompt_tokens,completion_tokens,total_tokens,cancelled,"
                                          "estimated\n")
+
+
+class UsageCommandTests(SynchronousTestCase):
+    """C{llmgw-usage}, installed with the package, finds the ledger or says where it looked."""
+
+    def setUp(self) -> None:
+        self.elsewhere = os.path.abspath(self.mktemp())  # a folder that is not the gateway's
+        os.makedirs(self.elsewhere)
+        self.db = os.path.abspath(self.mktemp()) + ".sqlite3"
+        ledger = sqlite3.connect(self.db)
+        ledger.executescript(SCHEMA)
+        ledger.execute(INSERT, (2.0, "alice", "POST", "/v1/chat/completions", None, 200, 3, 4, "usage", 0.0, None,
+                                1.0, None, 0))
+        ledger.commit()
+        ledger.close()
+
+    def run_usage(self, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k != "USAGE_DB"}
+        return subprocess.run([USAGE, *argv], capture_output=True, text=True, cwd=self.elsewhere,
+                              env={**environ, **env}, timeout=60, check=False)
+
+    def test_installed_as_a_command_reading_usage_db(self) -> None:
+        done = self.run_usage("--json", USAGE_DB=self.db)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual([(r["user"], r["total_tokens"]) for r in json.loads(done.stdout)], [("alice", 7)])
+        done = self.run_usage("--db", self.db, "--csv", USAGE_DB="/nowhere.sqlite3")  # --db wins
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("alice,1,3,4,7,0,0", done.stdout)
+
+    def test_a_missing_ledger_is_named_with_its_full_path(self) -> None:
+        done = self.run_usage()
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(done.stdout, "")
+        where = os.path.join(self.elsewhere, "llmgw-usage.sqlite3")
+        self.assertEqual(done.stderr, f"llmgw-usage: no ledger at {where} (from the default); give --db with the "
+                                      "gateway's --usage-db, or set USAGE_DB\n")
+        self.assertFalse(os.path.exists(where))  # looking did not create it
+        done = self.run_usage(USAGE_DB="gone.sqlite3")
+        self.assertIn(f"no ledger at {os.path.join(self.elsewhere, 'gone.sqlite3')} (from USAGE_DB)", done.stderr)
+        done = self.run_usage(USAGE_DB="none")
+        self.assertEqual((done.returncode, done.stderr),
+                         (1, "llmgw-usage: the gateway keeps no ledger (USAGE_DB='none'); give --db\n"))
+
+    def test_a_file_that_is_no_ledger(self) -> None:
+        other = os.path.join(self.elsewhere, "notes.txt")
+        with open(other, "w") as f:
+            f.write("not a database")
+        done = self.run_usage("--db", other)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn(f"llmgw-usage: cannot read the ledger {other}: file is not a database", done.stderr)
 
 
 class PrometheusTests(GatewayTestCase):

@@ -18,6 +18,8 @@ from twisted.python import usage
 
 from twisted_gw.web.access import LOOPBACK, Network, parse_networks
 
+USAGE_DB_DEFAULT = "llmgw-usage.sqlite3"
+
 
 class ConfigError(usage.UsageError):
     """A setting has a value the gateway cannot run with."""
@@ -141,7 +143,8 @@ def _assemble_mode(text: str) -> str:
     return text
 
 
-def _listen_list(text: str) -> tuple[str, ...]:
+def listen_list(text: str) -> tuple[str, ...]:
+    """The endpoint descriptions of C{LISTEN}: space or comma separated."""
     items = tuple(item for item in text.replace(",", " ").split() if item)
     if not items:
         raise ConfigError("listen needs at least one endpoint, e.g. tcp:8000")
@@ -215,7 +218,7 @@ SETTINGS: tuple[Setting, ...] = (
             "so that a client leaving stops the generation at once: 'auto' (when the upstream is "
             "llama.cpp, seen from its /props), 'always' or 'never'.",
             _assemble_mode, "assemble_non_stream"),
-    Setting("usage-db", "USAGE_DB", "llmgw-usage.sqlite3",
+    Setting("usage-db", "USAGE_DB", USAGE_DB_DEFAULT,
             "SQLite ledger of finished requests (one row each); per-user totals are restored from it "
             "at startup. 'none' or empty: no ledger.",
             str, "usage_db"),
@@ -282,7 +285,7 @@ class Config:
     header_timeout: float = 60.0
     drain_timeout: float = 30.0
     assemble_non_stream: str = "auto"
-    usage_db: str = "llmgw-usage.sqlite3"
+    usage_db: str = USAGE_DB_DEFAULT
     metrics_token: str = ""
     public_metrics: bool = False
     metrics_allow: tuple[Network, ...] = LOOPBACK
@@ -361,7 +364,7 @@ def build_config(options: Mapping[str, object], environ: Mapping[str, str]) -> C
         if raw is None:
             raw = environ.get(s.env) or s.default
         values[s.field] = s.parse(str(raw))
-    listen = options.get("listen") or _listen_list(environ.get(LISTEN_ENV) or LISTEN_DEFAULT)
+    listen = options.get("listen") or listen_list(environ.get(LISTEN_ENV) or LISTEN_DEFAULT)
     assert isinstance(listen, (list, tuple))
     values["listen"] = tuple(_check_endpoint(str(d)) for d in listen)
     upstreams = options.get("upstream") or []

@@ -18,7 +18,7 @@ from twisted_gw import startup
 from twisted_gw.admission import DOWN, LOADING, OK, Admission, Availability, Route, Router, UserSettings
 from twisted_gw.admission.quota import Quotas
 from twisted_gw.books.accounting import Accounting
-from twisted_gw.books.ledger import Ledger, load_totals
+from twisted_gw.books.ledger import Ledger, ledger_enabled, load_totals
 from twisted_gw.books.metrics import me_document, snapshot
 from twisted_gw.books.prometheus import PrometheusMetrics
 from twisted_gw.config import Config
@@ -244,10 +244,6 @@ class Gateway(Service):
             await self.ledger.stop()
         for upstream in self.upstreams.values():
             await upstream.close()
-
-
-def ledger_enabled(path: str) -> bool:
-    return bool(path) and path.lower() != "none"
 
 
 def makeService(config: Config, reactor: Any = None) -> Gateway:

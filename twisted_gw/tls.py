@@ -83,7 +83,7 @@ class ReloadingContextFactory:
         return self._context
 
 
-def _split(description: str) -> list[str]:
+def split_description(description: str) -> list[str]:
     """Split a strports description on unescaped colons (C{\\:} is a literal colon)."""
     parts, current, escaped = [], [], False
     for char in description:
@@ -109,7 +109,7 @@ def server_endpoint(reactor: Any, description: str) -> tuple[IStreamServerEndpoi
     The endpoint for a C{--listen} description, and for C{ssl:} ones the
     context factory to reload; anything else is Twisted's own parser's.
     """
-    parts = _split(description)
+    parts = split_description(description)
     if parts[0] in ("tcp", "ssl") and len(parts) >= 2 and not any(p.startswith("backlog=") for p in parts[2:]):
         # Twisted's default of 50 pending connections makes the kernel send
         # SYN cookies when a few hundred clients connect at once (nginx: 511)

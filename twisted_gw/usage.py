@@ -1,7 +1,7 @@
 """
-The usage report, run as a command:
+The usage report, run as a command (C{llmgw-usage}, or C{python -m twisted_gw.usage}):
 
-    python -m twisted_gw.usage --db llmgw-usage.sqlite3 --since 2026-11-01 --by user
+    llmgw-usage --db llmgw-usage.sqlite3 --since 2026-11-01 --by user
 
 The report itself is L{twisted_gw.books.report}.
 """

@@ -23,6 +23,12 @@ from twisted.logger import Logger
 from twisted_gw.books.accounting import UserTotals
 from twisted_gw.books.record import RequestRecord
 
+
+def ledger_enabled(path: str) -> bool:
+    """Whether C{--usage-db} names a ledger (empty and C{none} are none)."""
+    return bool(path) and path.lower() != "none"
+
+
 log = Logger(namespace="llmgw.ledger")
 
 SCHEMA = """

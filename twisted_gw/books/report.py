@@ -1,9 +1,9 @@
 """
 Usage report from the ledger.
 
-    python -m twisted_gw.usage --db llmgw-usage.sqlite3 --since 2026-11-01 --by user
-    python -m twisted_gw.usage --by day --json
-    python -m twisted_gw.usage --by model --csv
+    llmgw-usage --db llmgw-usage.sqlite3 --since 2026-11-01 --by user
+    llmgw-usage --by day --json
+    llmgw-usage --by model --csv
 
 Reads the database read-only, so it can run while the gateway writes.
 """
@@ -15,16 +15,21 @@ import csv
 import datetime
 import io
 import json
+import os
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
+
+from twisted_gw.books.ledger import ledger_enabled
+from twisted_gw.config import USAGE_DB_DEFAULT
 
 GROUPS = {
     "user": "user",
     "day": "date(finished_at, 'unixepoch')",
     "model": "coalesce(model, '')",
 }
+PROG = "llmgw-usage"
 HEADERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cancelled", "estimated")
 
 
@@ -88,9 +93,15 @@ def render_csv(rows: list[dict[str, Any]], by: str) -> str:
     return out.getvalue()
 
 
+def default_db(environ: Mapping[str, str]) -> str:
+    """The gateway's ledger when C{--db} is not given: C{USAGE_DB}, else the gateway's own default."""
+    return environ.get("USAGE_DB") or USAGE_DB_DEFAULT
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m twisted_gw.usage", description="Usage report from the ledger.")
-    parser.add_argument("--db", default="llmgw-usage.sqlite3", help="the ledger (--usage-db of the gateway)")
+    parser = argparse.ArgumentParser(prog=PROG, description="Usage report from the gateway's ledger.")
+    parser.add_argument("--db", help=f"the ledger: the gateway's --usage-db [env: USAGE_DB] "
+                                     f"[default: {USAGE_DB_DEFAULT}, in the gateway's folder]")
     parser.add_argument("--since", type=_epoch, help="from this day (UTC, YYYY-MM-DD), inclusive")
     parser.add_argument("--until", type=_epoch, help="to this day (UTC, YYYY-MM-DD), exclusive")
     parser.add_argument("--by", choices=sorted(GROUPS), default="user")
@@ -98,10 +109,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     output.add_argument("--json", action="store_true", help="print JSON")
     output.add_argument("--csv", action="store_true", help="print CSV")
     args = parser.parse_args(argv)
+    db = args.db or default_db(os.environ)
+    if not ledger_enabled(db):
+        print(f"{PROG}: the gateway keeps no ledger (USAGE_DB={db!r}); give --db", file=sys.stderr)
+        return 1
+    if not os.path.isfile(db):
+        where = "--db" if args.db else ("USAGE_DB" if os.environ.get("USAGE_DB") else "the default")
+        print(f"{PROG}: no ledger at {os.path.abspath(db)} (from {where}); give --db with the gateway's "
+              "--usage-db, or set USAGE_DB", file=sys.stderr)
+        return 1
     try:
-        rows = report(args.db, args.by, args.since, args.until)
+        rows = report(db, args.by, args.since, args.until)
     except sqlite3.Error as e:
-        print(f"llmgw usage: cannot read {args.db}: {e}", file=sys.stderr)
+        print(f"{PROG}: cannot read the ledger {os.path.abspath(db)}: {e}", file=sys.stderr)
         return 1
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
