@@ -65,6 +65,13 @@ class SkipMessageTests(SynchronousTestCase):
 class DashboardTests(GatewayTestCase):
     timeout = 90
 
+    async def open_dashboard(self) -> Any:
+        """A headless Chromium (closed after the test) showing this gateway's dashboard."""
+        driver = await deferToThread(browser)
+        self.addCleanup(lambda: deferToThread(driver.quit))
+        await deferToThread(driver.get, self.gw.url + "/dashboard")
+        return driver
+
     async def test_page_is_served_self_contained(self) -> None:
         await self.start()
         for path in ("/", "/dashboard"):
@@ -91,9 +98,7 @@ class DashboardTests(GatewayTestCase):
         waiting = [await self.chat(stream=True, key=BOB), await self.chat(stream=True, key=ALICE)]
         await waiting[1].body.wait_for(b": queue position=2")
 
-        driver = await deferToThread(browser)
-        self.addCleanup(lambda: deferToThread(driver.quit))
-        await deferToThread(driver.get, self.gw.url + "/dashboard")
+        driver = await self.open_dashboard()
 
         def read_page() -> dict[str, Any]:
             from selenium.webdriver.common.by import By
@@ -147,9 +152,7 @@ class DashboardTests(GatewayTestCase):
 
     async def test_asks_for_the_metrics_token_once(self) -> None:
         await self.start(metrics_token="m-secret")
-        driver = await deferToThread(browser)
-        self.addCleanup(lambda: deferToThread(driver.quit))
-        await deferToThread(driver.get, self.gw.url + "/dashboard")
+        driver = await self.open_dashboard()
 
         def log_in() -> tuple[str, str]:
             from selenium.webdriver.common.by import By
@@ -171,9 +174,7 @@ class DashboardTests(GatewayTestCase):
     async def test_says_what_access_it_needs(self) -> None:
         # a client the gateway does not trust by address, as a LAN browser would be by default
         await self.start(metrics_allow=parse_networks("10.0.0.0/8"))
-        driver = await deferToThread(browser)
-        self.addCleanup(lambda: deferToThread(driver.quit))
-        await deferToThread(driver.get, self.gw.url + "/dashboard")
+        driver = await self.open_dashboard()
 
         def read() -> dict[str, Any]:
             from selenium.webdriver.common.by import By
@@ -197,9 +198,7 @@ class DashboardTests(GatewayTestCase):
 
     async def test_a_wrong_token_is_said_to_be_refused(self) -> None:
         await self.start(metrics_token="m-secret")
-        driver = await deferToThread(browser)
-        self.addCleanup(lambda: deferToThread(driver.quit))
-        await deferToThread(driver.get, self.gw.url + "/dashboard")
+        driver = await self.open_dashboard()
 
         def try_wrong() -> tuple[str, str]:
             from selenium.webdriver.common.by import By
