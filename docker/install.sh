@@ -76,6 +76,12 @@ mkdir -p "$dir/config"
 env_file="$dir/.env"
 if [ -e "$env_file" ] && [ "$force" = 0 ]; then
   echo "keeping existing $env_file (--force to rewrite it)"
+  # a .env from before cloudflared became a compose profile: the tunnel runs only if it has a token
+  if ! grep -q '^COMPOSE_PROFILES=' "$env_file"; then
+    if grep -q '^TUNNEL_TOKEN=..*' "$env_file"; then profiles=tunnel; else profiles=""; fi
+    echo "COMPOSE_PROFILES=$profiles" >> "$env_file"
+    echo "added COMPOSE_PROFILES=$profiles to $env_file"
+  fi
 else
   umask 077
   {

@@ -125,6 +125,20 @@ class InstallerTests(SynchronousTestCase):
         with open(os.path.join(target, "config", "users.json"), "rb") as f:
             self.assertEqual(f.read(), before)
 
+    def test_an_older_env_gains_compose_profiles_once(self) -> None:
+        """Upgrading: a .env written before cloudflared became a profile runs the tunnel only if it has a token."""
+        for token, expected in (("tok.en-1", "tunnel"), ("", "")):
+            target = os.path.abspath(self.mktemp())
+            os.makedirs(target)
+            older = f"UPSTREAM_URL=http://127.0.0.1:8080\nTUNNEL_TOKEN={token}\nLISTEN=tcp:8000\n"
+            with open(os.path.join(target, ".env"), "w") as f:
+                f.write(older)
+            for _ in range(2):
+                result = self.run_install("--non-interactive", "--no-start", "--dir", target, "--user", "alice")
+                self.assertEqual(result.returncode, 0, result.stderr)
+            with open(os.path.join(target, ".env")) as f:
+                self.assertEqual(f.read(), older + f"COMPOSE_PROFILES={expected}\n")
+
     def test_invalid_input_is_refused(self) -> None:
         target = os.path.abspath(self.mktemp())
         for bad in (("--upstream", "ftp://x"), ("--upstream", "http://a:1,http://b:2#slots=0"),

@@ -5,9 +5,14 @@ its upstreams are down, and what the access log says of a request that left the 
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
+import sys
 from typing import Any, cast
 
 from support import ALICE, BOB, KEYS, TWISTD, GatewayTestCase, free_port, reactor, sse_data, until
@@ -15,7 +20,9 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
 
+from twisted_gw.config import Config
 from twisted_gw.testing import FakeLlama
 
 
@@ -87,6 +94,43 @@ class StartupTests(GatewayTestCase):
         # the upstream saw its credentials, as Basic authorization
         self.assertEqual(fake.requests[-1].headers.getRawHeaders(b"authorization"), [b"Basic Ym9iOmh1bnRlcjI="])
 
+    async def test_sighup_reloads_the_users_file_and_never_ends_the_process(self) -> None:
+        """systemd's ExecReload sends SIGHUP: without a handler (no TLS listener) it killed the gateway."""
+        workdir, port = await self.prepare_subprocess(FakeLlama(reactor))
+        proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "llmgw", "--listen", f"tcp:{port}:interface=127.0.0.1",
+             "--upstream", self.fake.url, "--usage-db", "none", "--users-poll-interval", "3600"],
+            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.addCleanup(proc.kill)
+        url = f"http://127.0.0.1:{port}"
+        await self.wait_until_up(url)
+        with open(os.path.join(workdir, "users.json.new"), "w") as f:
+            json.dump({**KEYS, "sk-carol-key": "carol"}, f)
+        os.replace(os.path.join(workdir, "users.json.new"), os.path.join(workdir, "users.json"))
+        reply = await self.call("GET", "/v1/models", key="sk-carol-key", url=url)
+        self.assertEqual(reply.code, 401)  # (the next poll is an hour away)
+        await reply.text()
+        proc.send_signal(signal.SIGHUP)
+        codes: list[int] = []
+
+        async def carol_is_in() -> bool:
+            reply = await self.call("GET", "/v1/models", key="sk-carol-key", url=url)
+            await reply.text()
+            codes.append(reply.code)
+            return reply.code == 200
+
+        for _ in range(100):
+            if await carol_is_in():
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(codes[-1], 200)
+        self.assertIsNone(proc.poll())
+        proc.terminate()
+        output, _ = await deferToThread(proc.communicate, timeout=30)
+        self.assertIn("reloading on SIGHUP: the users file", output)
+        self.assertIn("users file users.json loaded: 3 users", output)
+
 
 class UpstreamDownTests(GatewayTestCase):
     async def test_down_fails_fast_and_up_again_serves(self) -> None:
@@ -156,3 +200,41 @@ class QueueWaitTests(GatewayTestCase):
         [line] = [e for e in events if e.get("log_namespace") == "llmgw.access" and e.get("user") == "bob"]
         self.assertEqual((line["cancelled"], line["queue_wait"], line["duration"]), (True, 7.5, 7.5))
         self.assertEqual(ALICE, "sk-alice-key")
+
+
+class SystemdUnitTests(SynchronousTestCase):
+    """docs/operations.md's units: verified by systemd where it is installed, parsed everywhere."""
+
+    def units(self) -> list[str]:
+        with open(os.path.join(os.path.dirname(__file__), "..", "docs", "operations.md")) as f:
+            text = f.read()
+        blocks = re.findall(r"```ini\n(.*?)```", text, re.S)
+        return [b for b in blocks if b.startswith("[Unit]")]
+
+    def test_the_units_parse_and_verify(self) -> None:
+        units = self.units()
+        self.assertEqual(len(units), 2)  # the gateway's and llama-server's
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        verify = shutil.which("systemd-analyze")
+        for name, unit in zip(("llmgw.service", "llama-server.service"), units, strict=True):
+            parser = configparser.ConfigParser(interpolation=None, strict=True, delimiters=("=",))
+            parser.optionxform = str  # type: ignore[assignment,method-assign]
+            parser.read_string(unit)
+            self.assertEqual(parser.sections(), ["Unit", "Service", "Install"])
+            self.assertEqual(parser["Install"]["WantedBy"], "multi-user.target")
+            command = parser["Service"]["ExecStart"].split()
+            if name == "llmgw.service":
+                self.assertEqual(command[1:], ["--nodaemon", "--pidfile=", "llmgw"])
+                self.assertEqual(parser["Service"]["ExecReload"], "/bin/kill -HUP $MAINPID")
+                # longer than the drain, so that systemd does not kill a gateway finishing its requests
+                self.assertGreater(int(parser["Service"]["TimeoutStopSec"]), Config().drain_timeout)
+            if verify is None:
+                continue
+            # the same unit, its program where this machine has one (verify checks that it is executable)
+            local = unit.replace(command[0], TWISTD if name == "llmgw.service" else sys.executable)
+            path = os.path.join(folder, name)
+            with open(path, "w") as f:
+                f.write(local)
+            done = subprocess.run([verify, "verify", path], capture_output=True, text=True, timeout=60)
+            self.assertEqual((done.returncode, done.stderr), (0, ""), name)

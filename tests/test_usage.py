@@ -149,6 +149,45 @@ class LedgerTests(GatewayTestCase):
         self.assertEqual(out.getvalue(), "model,requests,prompt_tokens,completion_tokens,total_tokens,cancelled,"
                                          "estimated\n")
 
+    async def test_online_backup_while_running_and_restore(self) -> None:
+        """docs/operations.md's backup and restore: the copy holds what was written when it was taken."""
+        db = os.path.abspath(self.mktemp()) + ".sqlite3"
+        await self.start(usage_db=db)
+        for key in (ALICE, BOB, ALICE):
+            await (await self.chat(key=key)).text()
+        await settle()
+        await self.gw.gateway.ledger.flush()
+        at_backup = (await self.metrics())["users"]
+        copy = os.path.abspath(self.mktemp()) + ".sqlite3"
+        done = await deferToThread(subprocess.run, [USAGE, "--db", db, "--backup", copy],
+                                   capture_output=True, text=True, timeout=60)
+        self.assertEqual((done.returncode, done.stdout), (0, ""), done.stderr)
+        self.assertIn(f"backed up {db} to {copy}", done.stderr)
+        self.assertFalse(os.path.exists(copy + "-wal"))
+        await (await self.chat(key=BOB)).text()  # after the backup: not in it
+        await settle()
+        await self.gw.stop()
+
+        # restore: the gateway stopped, the copy in place, no -wal or -shm of the old file left beside it
+        os.replace(copy, db)
+        for leftover in (db + "-wal", db + "-shm"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+        await self.start(usage_db=db)
+        self.assertEqual((await self.metrics())["users"], at_backup)
+        self.assertEqual(sqlite3.connect(db).execute("SELECT COUNT(*) FROM requests").fetchone(), (3,))
+
+    async def test_a_backup_that_cannot_be_written_says_so(self) -> None:
+        db = os.path.abspath(self.mktemp()) + ".sqlite3"
+        await self.start(usage_db=db)
+        await self.gw.gateway.ledger.flush()
+        nowhere = os.path.join(os.path.abspath(self.mktemp()), "missing-folder", "copy.sqlite3")
+        done = await deferToThread(subprocess.run, [USAGE, "--db", db, "--backup", nowhere],
+                                   capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn(f"llmgw-usage: cannot back up {db} to {nowhere}", done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+
 
 class UsageCommandTests(SynchronousTestCase):
     """C{llmgw-usage}, installed with the package, finds the ledger or says where it looked."""

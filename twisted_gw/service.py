@@ -166,9 +166,19 @@ class Gateway(Service):
                 log.warn("listening on {description} did not start at once", description=description)
 
     def reload_tls(self) -> None:
-        """Read every TLS listener's certificate and key again (SIGHUP)."""
+        """Read every TLS listener's certificate and key again."""
         for factory in self.tls_contexts:
             factory.reload()
+
+    def reload(self) -> Deferred[None]:
+        """
+        SIGHUP (C{systemctl reload}): the TLS certificates and the users file
+        read again now, without waiting for the next poll.
+        """
+        log.info("reloading on SIGHUP: {what}",
+                 what="TLS certificates and the users file" if self.tls_contexts else "the users file")
+        self.reload_tls()
+        return self.users.poll()
 
     def _say_where_things_are(self) -> None:
         """One line for each part a misconfiguration would leave useless."""
@@ -184,9 +194,10 @@ class Gateway(Service):
     def startService(self) -> None:
         super().startService()
         self._say_where_things_are()
-        if self.tls_contexts and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
+            # always: SIGHUP's default would end the process (systemd's ExecReload sends it)
             self._previous_sighup = signal.signal(
-                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload_tls)
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)
             )
         self.users.load_now()
         self.users.start()

@@ -4,8 +4,10 @@ Usage report from the ledger.
     llmgw-usage --db llmgw-usage.sqlite3 --since 2026-11-01 --by user
     llmgw-usage --by day --json
     llmgw-usage --by model --csv
+    llmgw-usage --backup /backups/llmgw-usage.sqlite3
 
-Reads the database read-only, so it can run while the gateway writes.
+Reads the database read-only, so it can run while the gateway writes; C{--backup}
+copies it with SQLite's online backup, a consistent copy taken while it runs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import sqlite3
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -93,6 +96,28 @@ def render_csv(rows: list[dict[str, Any]], by: str) -> str:
     return out.getvalue()
 
 
+def backup(db_path: str, destination: str) -> None:
+    """Copy the ledger to C{destination} with SQLite's online backup, written aside and then renamed into place."""
+    folder = os.path.dirname(os.path.abspath(destination))
+    fd, partial = tempfile.mkstemp(prefix=".llmgw-backup-", dir=folder)
+    os.close(fd)
+    source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        copy = sqlite3.connect(partial)
+        try:
+            source.backup(copy)
+            # a standalone file: no -wal beside it to carry along
+            copy.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            copy.close()
+        os.replace(partial, destination)
+    except BaseException:
+        os.unlink(partial)
+        raise
+    finally:
+        source.close()
+
+
 def default_db(environ: Mapping[str, str]) -> str:
     """The gateway's ledger when C{--db} is not given: C{USAGE_DB}, else the gateway's own default."""
     return environ.get("USAGE_DB") or USAGE_DB_DEFAULT
@@ -108,6 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON")
     output.add_argument("--csv", action="store_true", help="print CSV")
+    output.add_argument("--backup", metavar="DEST", help="instead of a report, copy the ledger to DEST (an online "
+                                                          "backup: safe while the gateway writes)")
     args = parser.parse_args(argv)
     db = args.db or default_db(os.environ)
     if not ledger_enabled(db):
@@ -118,6 +145,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: no ledger at {os.path.abspath(db)} (from {where}); give --db with the gateway's "
               "--usage-db, or set USAGE_DB", file=sys.stderr)
         return 1
+    if args.backup:
+        try:
+            backup(db, args.backup)
+        except (sqlite3.Error, OSError) as e:
+            print(f"{PROG}: cannot back up {os.path.abspath(db)} to {os.path.abspath(args.backup)}: {e}",
+                  file=sys.stderr)
+            return 1
+        print(f"{PROG}: backed up {os.path.abspath(db)} to {os.path.abspath(args.backup)}", file=sys.stderr)
+        return 0
     try:
         rows = report(db, args.by, args.since, args.until)
     except sqlite3.Error as e:
