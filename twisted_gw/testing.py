@@ -4,7 +4,10 @@ Test doubles shared by the tests and benchmarks.
 L{FakeLlama} is a real HTTP server on 127.0.0.1 that answers like llama.cpp's
 server does on the wire: chat and completion streams with C{timings} on the
 last chunk, a C{usage} chunk only when asked with C{stream_options}, C{[DONE]},
-non-stream JSON with C{usage} and C{timings}, C{/health} and C{/v1/models}.
+non-stream JSON with C{usage} and C{timings}; Anthropic Messages
+(C{/v1/messages}, C{/v1/messages/count_tokens}) and OpenAI Responses
+(C{/v1/responses}) with their named SSE events; C{/v1/embeddings},
+C{/tokenize}, C{/apply-template}, C{/health}, C{/props} and C{/v1/models}.
 llama.cpp serialises JSON compactly with UTF-8 left as is; so does this.  It
 records every request (headers, URI, body) and whether its client went away
 before the response was complete.  L{ScriptedUpstream} misbehaves on the wire
@@ -16,14 +19,17 @@ opt-in integration tests and the benchmarks.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from typing import Any, Optional
+import zlib
+from typing import Any, ClassVar, Optional
 
 import attrs
 from twisted.internet import endpoints
@@ -71,12 +77,105 @@ class Recorded:
         return json.loads(self.body)
 
 
-def _count_prompt(doc: dict[str, Any]) -> int:
-    if isinstance(doc.get("messages"), list):
-        text = " ".join(str(m.get("content", "")) for m in doc["messages"] if isinstance(m, dict))
-    else:
-        text = str(doc.get("prompt", ""))
-    return len(text.split()) + 4
+# The fake's tokenizer and chat template.  A token is a whitespace-separated word;
+# the template's role markers (C{<|user|>}, C{<|end|>}...) cost nothing; with
+# add_special, SPECIAL_TOKENS special tokens come first.  So every prompt of W words
+# costs W + 4 tokens, however it reaches the fake.
+
+SPECIAL_TOKENS = ("<s>", "<|bos_1|>", "<|bos_2|>", "<|bos_3|>")  # what add_special puts first: ids 1 to 4
+_MARKER = re.compile(r"<\|[a-z0-9_]+\|>")
+
+
+def _pieces(text: str, add_special: bool) -> list[tuple[int, str]]:
+    """C{text}'s tokens, with the text of each."""
+    special = [(i + 1, piece) for i, piece in enumerate(SPECIAL_TOKENS)] if add_special else []
+    return special + [(1000 + zlib.crc32(word.encode()) % 100_000, word) for word in _MARKER.sub(" ", text).split()]
+
+
+def _tokenize(text: str, add_special: bool = True) -> list[int]:
+    return [token for token, _ in _pieces(text, add_special)]
+
+
+def _text(content: Any) -> str:
+    """
+    A message's text: a string as is, a list of parts (C{{"type": "text", "text": ...}}...)
+    as the text of its parts, one a line (as llama.cpp's C{common_chat_msgs_to_json_oaicompat}).
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return str(content)
+
+
+def _template(messages: Any) -> str:
+    """
+    The prompt the fake's chat template makes of OpenAI-style C{messages}:
+    C{<|user|>say hello<|end|>} and so on, then C{<|assistant|>}.
+    """
+    prompt = ""
+    for message in messages if isinstance(messages, list) else []:
+        if isinstance(message, dict):
+            role = re.sub(r"[^a-z0-9_]", "_", str(message.get("role", "user")).lower()) or "user"
+            prompt += f"<|{role}|>{_text(message.get('content', ''))}<|end|>\n"
+    return prompt + "<|assistant|>"
+
+
+def _messages_from_anthropic(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """
+    A Messages body's conversation as chat messages, as llama.cpp's C{convert_anthropic_to_oai}
+    makes it: C{system}'s text blocks run together, and each C{tool_result} a C{tool} message.
+    """
+    def texts(blocks: list[Any], kind: str = "text") -> list[Any]:
+        return [b for b in blocks if isinstance(b, dict) and b.get("type") == kind]
+
+    messages: list[dict[str, Any]] = []
+    system = doc.get("system")
+    if system is not None:
+        prompt = system if isinstance(system, str) else "".join(
+            str(b.get("text", "")) for b in texts(system if isinstance(system, list) else []))
+        messages.append({"role": "system", "content": prompt})
+    for message in doc.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        role, content = message.get("role", "user"), message.get("content")
+        if not isinstance(content, list):
+            if content is not None or role != "assistant":
+                messages.append({"role": role, "content": _text(content or "")})
+            continue
+        if texts(content) or texts(content, "tool_use"):
+            messages.append({"role": role, "content": _text(texts(content))})
+        for result in texts(content, "tool_result"):
+            given = result.get("content")
+            output = given if isinstance(given, str) else "".join(
+                str(b.get("text", "")) for b in texts(given if isinstance(given, list) else []))
+            messages.append({"role": "tool", "content": output})
+    return messages
+
+
+def _messages_from_responses(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """
+    A Responses body's C{instructions} and C{input} as chat messages
+    (as llama.cpp's C{convert_responses_to_chatcmpl}).
+    """
+    messages: list[dict[str, Any]] = []
+    if isinstance(doc.get("instructions"), str):
+        messages.append({"role": "system", "content": doc["instructions"]})
+    items = doc.get("input", "")
+    for item in [{"role": "user", "content": items}] if isinstance(items, str) else items or []:
+        if isinstance(item, dict) and item.get("type") == "function_call_output":
+            messages.append({"role": "tool", "content": _text(item.get("output", ""))})
+        elif isinstance(item, dict) and "content" in item:
+            messages.append({"role": item.get("role", "user"), "content": _text(item["content"])})
+    return messages
+
+
+def _embedding(text: str) -> list[float]:
+    """A made-up unit vector, the same for the same text."""
+    seed = zlib.crc32(text.encode())
+    vector = [((seed >> (3 * i)) % 201 - 100) / 100.0 + 0.005 for i in range(8)]
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector]
 
 
 @attrs.define(eq=False)
@@ -89,10 +188,29 @@ class FakeLlama:
     C{has_props} (C{/props} exists, as on llama.cpp),
     C{die_after} (the connection is dropped after that many tokens, like a
     crashed server), C{model} (the one model it serves), C{manual}: each
-    token then waits for L{release}, and
+    token then waits for L{release}, C{embeddings} (C{/v1/embeddings} works,
+    as with llama-server's C{--embeddings}; else 501), and
     C{flavour}: C{"openai"} answers like OpenAI-style servers (vLLM...): no
-    C{timings} and no C{/props}, usage in a stream only when asked for, and
-    then C{"usage": null} on every other chunk.
+    C{timings}, no C{/props}, C{/tokenize} or C{/apply-template}, usage in a
+    stream only when asked for, and then C{"usage": null} on every other chunk.
+
+    Generations (C{/v1/chat/completions}, C{/v1/completions}, C{/v1/messages},
+    C{/v1/responses}) all follow these knobs; a body with C{"error_status": N}
+    is answered with that status; C{"stream": true} streams.  The length limit
+    is C{max_tokens} (Messages too) or C{max_output_tokens} (Responses).
+
+    Token counts: a token is a whitespace-separated word, and a prompt costs
+    its words + 4 (the 4 special tokens C{/tokenize} puts first when asked
+    with C{"add_special": true}, as llama-server does for a generation).
+    C{/apply-template} renders chat messages as C{<|user|>text<|end|>\\n}...
+    C{<|assistant|>}, whose markers cost nothing (a message's text parts go
+    one a line, Messages' C{system} blocks run together, as in llama.cpp).  So
+    the prompt tokens a generation reports (chat, completions, Messages,
+    Responses, with Messages' C{system} and Responses' C{instructions} as a
+    system message) are what
+    C{/tokenize} (with add_special) answers for C{/apply-template}'s prompt of
+    the same messages, or for a completion's C{prompt}, and what
+    C{/v1/messages/count_tokens} answers for a Messages body.
     """
 
     reactor: Any
@@ -105,6 +223,7 @@ class FakeLlama:
     die_after: Optional[int] = None
     slots: int = 1
     has_props: bool = True
+    embeddings: bool = True
     scheme: str = "http"
     flavour: str = "llamacpp"
     model: str = MODEL
@@ -190,8 +309,9 @@ class FakeLlama:
 
     @property
     def generations(self) -> list[Recorded]:
-        """The requests for completions, leaving out C{/props} and other probes."""
-        return [r for r in self.requests if r.uri.startswith((b"/v1/chat/completions", b"/v1/completions"))]
+        """The requests for generations, leaving out C{/props}, token counts, embeddings and other probes."""
+        return [r for r in self.requests if r.uri.startswith((b"/v1/chat/completions", b"/v1/completions"))
+                or r.uri.partition(b"?")[0] in (b"/v1/messages", b"/v1/responses")]
 
     def _arrived(self, rec: Recorded) -> None:
         self.requests.append(rec)
@@ -247,6 +367,10 @@ def _error(code: int, message: str, type: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "type": type}}
 
 
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 class _FakeResource(resource.Resource):
     isLeaf = True
 
@@ -265,7 +389,8 @@ class _FakeResource(resource.Resource):
             lambda _: self._ended(rec, completed=True),
             lambda _: self._ended(rec, completed=False),
         )
-        if fake.flavour == "llamacpp":  # (the headers llama-server puts on every answer)
+        llamacpp = fake.flavour == "llamacpp"
+        if llamacpp:  # (the headers llama-server puts on every answer)
             request.setHeader(b"Server", b"llama.cpp")
             request.setHeader(b"Access-Control-Allow-Origin", b"")
         path = request.path
@@ -273,7 +398,7 @@ class _FakeResource(resource.Resource):
             return self._json(request, 503, _error(503, "Loading model", "unavailable_error"))
         if path == b"/health":
             return self._json(request, 200, {"status": "ok"})
-        if path == b"/props" and fake.has_props and fake.flavour == "llamacpp":
+        if path == b"/props" and fake.has_props and llamacpp:
             return self._json(request, 200, {
                 "default_generation_settings": {"n_ctx": 4096}, "total_slots": fake.slots,
                 "model_path": "/models/fake.gguf", "build_info": "b0000-fake",
@@ -282,20 +407,30 @@ class _FakeResource(resource.Resource):
             return self._json(request, 200, {"object": "list", "data": [
                 {"id": fake.model, "object": "model", "created": 0, "owned_by": "llamacpp"}
             ]})
-        if path in (b"/v1/chat/completions", b"/v1/completions") and request.method == b"POST":
-            try:
-                doc = json.loads(rec.body)
-                assert isinstance(doc, dict)
-            except (ValueError, AssertionError):
-                return self._json(request, 400, _error(400, "Invalid JSON", "invalid_request_error"))
-            if doc.get("error_status"):
-                status = int(doc["error_status"])
-                return self._json(request, status, _error(status, "fake failure", "server_error"))
-            chat = path == b"/v1/chat/completions"
-            generation = _Generation(fake, request, rec, doc, chat)
-            generation.later(fake.header_delay, generation.begin)
-            return server.NOT_DONE_YET
-        return self._json(request, 404, _error(404, "File Not Found", "not_found_error"))
+        if request.method != b"POST" or (path in (b"/tokenize", b"/apply-template") and not llamacpp):
+            return self._not_found(request)
+        if path == b"/v1/embeddings" and not fake.embeddings:  # (llama-server says so before it reads the body)
+            message = "This server does not support embeddings. Start it with `--embeddings`"
+            return self._json(request, 501, _error(501, message, "not_supported_error"))
+        shape = _SHAPES.get(path)
+        answer = _ANSWERS.get(path)
+        if shape is None and answer is None:
+            return self._not_found(request)
+        try:
+            doc = json.loads(rec.body)
+            assert isinstance(doc, dict)
+        except (ValueError, AssertionError):
+            return self._json(request, 400, _error(400, "Invalid JSON", "invalid_request_error"))
+        if answer is not None:
+            status, body = answer(fake, doc)
+            return self._json(request, status, body)
+        assert shape is not None
+        if doc.get("error_status"):
+            status = int(doc["error_status"])
+            return self._json(request, status, _error(status, "fake failure", "server_error"))
+        generation = _Generation(fake, request, rec, doc, shape)
+        generation.later(fake.header_delay, generation.begin)
+        return server.NOT_DONE_YET
 
     @staticmethod
     def _ended(rec: Recorded, completed: bool) -> None:
@@ -309,32 +444,94 @@ class _FakeResource(resource.Resource):
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
         return json.dumps(doc).encode("utf-8")
 
+    def _not_found(self, request: Request) -> bytes:
+        return self._json(request, 404, _error(404, "File Not Found", "not_found_error"))
+
+
+# The answers that generate nothing: (fake, body) -> (status, JSON).
+
+
+def _answer_tokenize(fake: FakeLlama, doc: dict[str, Any]) -> tuple[int, Any]:
+    """C{/tokenize}: C{content} (a string, or a list of strings and token ids) -> C{{"tokens": [...]}}."""
+    content = doc.get("content")
+    if content is None:
+        return 200, {"tokens": []}
+    pieces = _pieces("", doc.get("add_special") is True)
+    for part in content if isinstance(content, list) else [content]:
+        pieces += [(part, "")] if isinstance(part, int) else _pieces(str(part), False)
+    if doc.get("with_pieces") is True:
+        return 200, {"tokens": [{"id": token, "piece": piece} for token, piece in pieces]}
+    return 200, {"tokens": [token for token, _ in pieces]}
+
+
+def _answer_apply_template(fake: FakeLlama, doc: dict[str, Any]) -> tuple[int, Any]:
+    """C{/apply-template}: a chat body's C{messages} -> C{{"prompt": ...}}."""
+    return 200, {"prompt": _template(doc.get("messages"))}
+
+
+def _answer_count_tokens(fake: FakeLlama, doc: dict[str, Any]) -> tuple[int, Any]:
+    """C{/v1/messages/count_tokens}: what a Messages body's prompt costs, with no generation."""
+    return 200, {"input_tokens": len(_tokenize(_MessagesShape.prompt(doc)))}
+
+
+def _answer_embeddings(fake: FakeLlama, doc: dict[str, Any]) -> tuple[int, Any]:
+    """C{/v1/embeddings}: one made-up vector for each of C{input}'s strings."""
+    inputs = doc.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if inputs is None:
+        return 400, _error(400, '"input" or "content" must be provided', "invalid_request_error")
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+        return 400, _error(400, '"input" must be a string or a non-empty list of strings', "invalid_request_error")
+    tokens = sum(len(_tokenize(text)) for text in inputs)
+    return 200, {
+        "model": doc.get("model", fake.model), "object": "list",
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "data": [{"embedding": _embedding(text), "index": i, "object": "embedding"} for i, text in enumerate(inputs)],
+    }
+
+
+_ANSWERS = {
+    b"/tokenize": _answer_tokenize,
+    b"/apply-template": _answer_apply_template,
+    b"/v1/messages/count_tokens": _answer_count_tokens,
+    b"/v1/embeddings": _answer_embeddings,
+}
+
+# An SSE event: its name (for an C{event:} line; None for data only) and its data.
+Event = tuple[Optional[str], dict[str, Any]]
+
 
 class _Generation:
-    """Produces one response token by token, stopping if the client leaves."""
+    """Produces one response token by token, in the words of its L{_Shape}, stopping if the client leaves."""
 
-    def __init__(self, fake: FakeLlama, request: Request, rec: Recorded, doc: dict[str, Any], chat: bool) -> None:
+    def __init__(self, fake: FakeLlama, request: Request, rec: Recorded, doc: dict[str, Any],
+                 shape: type[_Shape]) -> None:
         self.fake = fake
         self.request = request
         self.rec = rec
         self.doc = doc
-        self.chat = chat
         self.stream = doc.get("stream") is True
-        max_tokens = doc.get("max_tokens")
+        max_tokens = doc.get(shape.max_tokens)
         self.tokens = fake.reply[:max_tokens] if isinstance(max_tokens, int) else fake.reply
+        self.truncated = len(self.tokens) < len(fake.reply)  # stopped by the length limit
         self.openai = fake.flavour == "openai"
-        self.include_usage = bool((doc.get("stream_options") or {}).get("include_usage"))
-        self.prompt = _count_prompt(doc)
+        self.prompt = len(_tokenize(shape.prompt(doc)))
         self.cache_n = min(fake.cache_n, self.prompt - 1)
-        self.id = ("chatcmpl-" if chat else "cmpl-") + str(len(fake.requests))
+        self.number = len(fake.requests)
         self.created = int(time.time())
         self.index = 0
         self.gone = False
         self.pending: Optional[Any] = None
         self.waiting_permit: Optional[Deferred[None]] = None
+        self.shape = shape(self)
         fake.generating += 1
         fake.peak = max(fake.peak, fake.generating)
         rec.ended.addCallback(self._client_gone)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return _timings(self.prompt, self.cache_n, len(self.tokens))
 
     def later(self, delay: float, f: Any) -> None:
         self.pending = self.fake.reactor.callLater(delay, f)
@@ -377,79 +574,315 @@ class _Generation:
         token = self.tokens[self.index]
         self.index += 1
         if self.stream:
-            if self.chat:
-                delta: dict[str, Any] = {"content": token}
-                if self.index == 1:
-                    delta = {"role": "assistant", "content": token}
-                self._event(self._chunk([{"finish_reason": None, "index": 0, "delta": delta}]))
-            else:
-                self._event(self._chunk([{"text": token, "index": 0, "logprobs": None, "finish_reason": None}]))
+            self._send(self.shape.token(token))
             self.rec.chunks_sent += 1
         self.later(self.fake.chunk_delay, self._next)
 
+    def _send(self, events: list[Event]) -> None:
+        """Write C{events}: one write each, or (as llama-server writes one result's events) one for all."""
+        frames = []
+        for name, obj in events:
+            data = _dumps(obj)
+            if len(self.rec.events) < 1000:
+                self.rec.events.append(data)
+            frame = b"data: " + data + b"\n\n"
+            if name is not None:
+                frame = b"event: " + name.encode() + b"\n" + frame
+            self.rec.bytes_sent += len(frame)
+            frames.append(frame)
+        if self.shape.one_write:
+            self.request.write(b"".join(frames))
+        else:
+            for frame in frames:
+                self.request.write(frame)
+
+    def _finish(self) -> None:
+        if self.stream:
+            self._send(self.shape.finish())
+            if self.shape.done:
+                self.request.write(b"data: [DONE]\n\n")
+        else:
+            payload = _dumps(self.shape.body())
+            self.request.setHeader(b"Content-Length", str(len(payload)).encode())
+            self.request.write(payload)
+        self.request.finish()
+
+
+class _Shape:
+    """
+    How one API words a generation (after llama.cpp's C{server_task_result_cmpl_partial}
+    and C{_final} C{to_json_*}): the events of each token, the events at the
+    end of a stream, the body of a whole answer.
+    """
+
+    max_tokens: ClassVar[str] = "max_tokens"  # the body's length limit
+    done: ClassVar[bool] = False  # a stream ends with data: [DONE]
+    one_write: ClassVar[bool] = True  # the events of a token (or of the end) go out in one write
+
+    def __init__(self, generation: _Generation) -> None:
+        self.g = generation
+
+    @staticmethod
+    def prompt(doc: dict[str, Any]) -> str:
+        """The prompt a body makes, as the fake tokenizer sees it."""
+        raise NotImplementedError
+
+    def token(self, token: str) -> list[Event]:
+        raise NotImplementedError
+
+    def finish(self) -> list[Event]:
+        raise NotImplementedError
+
+    def body(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _ChatShape(_Shape):
+    """C{/v1/chat/completions}: timings on the last chunk (on the usage chunk when usage is asked for)."""
+
+    chat: ClassVar[bool] = True
+    done = True
+    one_write = False
+
+    def __init__(self, generation: _Generation) -> None:
+        super().__init__(generation)
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + str(generation.number)
+        self.include_usage = bool((generation.doc.get("stream_options") or {}).get("include_usage"))
+
+    @staticmethod
+    def prompt(doc: dict[str, Any]) -> str:
+        return _template(doc.get("messages"))
+
+    def token(self, token: str) -> list[Event]:
+        delta: dict[str, Any] = {"content": token}
+        if self.g.index == 1:
+            delta = {"role": "assistant", "content": token}
+        return [(None, self._chunk([{"finish_reason": None, "index": 0, "delta": delta}]))]
+
+    def _final_choice(self) -> dict[str, Any]:
+        return {"finish_reason": "stop", "index": 0, "delta": {}}
+
     def _chunk(self, choices: list[Any], **extra: Any) -> dict[str, Any]:
         chunk = {
-            "choices": choices, "created": self.created, "id": self.id, "model": self.fake.model,
+            "choices": choices, "created": self.g.created, "id": self.id, "model": self.g.fake.model,
             "system_fingerprint": "b0000-fake",
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             **extra,
         }
-        if self.openai and self.include_usage and "usage" not in chunk:
+        if self.g.openai and self.include_usage and "usage" not in chunk:
             chunk["usage"] = None
         return chunk
 
-    def _event(self, obj: Any) -> None:
-        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-        if len(self.rec.events) < 1000:
-            self.rec.events.append(data)
-        self.rec.bytes_sent += len(data) + 8
-        self.request.write(b"data: " + data + b"\n\n")
-
-    def _finish(self) -> None:
-        completion = len(self.tokens)
-        usage = _usage(self.prompt, completion)
-        timings = _timings(self.prompt, self.cache_n, completion)
-        final_choice: dict[str, Any]
-        if self.chat:
-            final_choice = {"finish_reason": "stop", "index": 0, "delta": {}}
-        else:
-            final_choice = {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}
-        if self.stream and self.openai:
-            self._event(self._chunk([final_choice]))
+    def finish(self) -> list[Event]:
+        usage = _usage(self.g.prompt, len(self.g.tokens))
+        final_choice = self._final_choice()
+        if self.g.openai:
+            events = [self._chunk([final_choice])]
             if self.include_usage:
-                self._event(self._chunk([], usage=usage))
-            self.request.write(b"data: [DONE]\n\n")
-        elif self.stream:
-            include_usage = self.include_usage
-            if self.chat and include_usage:
-                # llama.cpp moves timings onto the usage chunk when usage is asked for
-                self._event(self._chunk([final_choice]))
-                self._event(self._chunk([], usage=usage, timings=timings))
-            elif self.chat:
-                self._event(self._chunk([final_choice], timings=timings))
-            else:
-                # completions streams carry usage on the final chunk regardless
-                self._event(self._chunk([final_choice], usage=usage, timings=timings))
-            self.request.write(b"data: [DONE]\n\n")
+                events.append(self._chunk([], usage=usage))
+        elif self.chat and self.include_usage:
+            # llama.cpp moves timings onto the usage chunk when usage is asked for
+            events = [self._chunk([final_choice]), self._chunk([], usage=usage, timings=self.g.timings)]
+        elif self.chat:
+            events = [self._chunk([final_choice], timings=self.g.timings)]
         else:
-            text = "".join(self.tokens)
-            if self.chat:
-                choices: list[Any] = [{"finish_reason": "stop", "index": 0,
-                                       "message": {"role": "assistant", "content": text}}]
-            else:
-                choices = [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}]
-            body = {
-                "choices": choices, "created": self.created, "model": self.fake.model,
-                "system_fingerprint": "b0000-fake",
-                "object": "chat.completion" if self.chat else "text_completion",
-                "usage": usage, "id": self.id, "timings": timings,
-            }
-            if self.openai:
-                del body["timings"]
-            payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-            self.request.setHeader(b"Content-Length", str(len(payload)).encode())
-            self.request.write(payload)
-        self.request.finish()
+            # completions streams carry usage on the final chunk regardless
+            events = [self._chunk([final_choice], usage=usage, timings=self.g.timings)]
+        return [(None, event) for event in events]
+
+    def _choices(self, text: str) -> list[Any]:
+        return [{"finish_reason": "stop", "index": 0, "message": {"role": "assistant", "content": text}}]
+
+    def body(self) -> dict[str, Any]:
+        body = {
+            "choices": self._choices("".join(self.g.tokens)), "created": self.g.created, "model": self.g.fake.model,
+            "system_fingerprint": "b0000-fake",
+            "object": "chat.completion" if self.chat else "text_completion",
+            "usage": _usage(self.g.prompt, len(self.g.tokens)), "id": self.id, "timings": self.g.timings,
+        }
+        if self.g.openai:
+            del body["timings"]
+        return body
+
+
+class _CompletionShape(_ChatShape):
+    """C{/v1/completions}: usage (and timings) on the last chunk, asked for or not."""
+
+    chat = False
+
+    @staticmethod
+    def prompt(doc: dict[str, Any]) -> str:
+        return str(doc.get("prompt", ""))
+
+    def token(self, token: str) -> list[Event]:
+        return [(None, self._chunk([{"text": token, "index": 0, "logprobs": None, "finish_reason": None}]))]
+
+    def _final_choice(self) -> dict[str, Any]:
+        return {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}
+
+    def _choices(self, text: str) -> list[Any]:
+        return [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}]
+
+
+class _MessagesShape(_Shape):
+    """
+    C{/v1/messages} (Anthropic): C{input_tokens} leaves out the cached
+    C{cache_read_input_tokens}; no C{timings}; a stream has no C{[DONE]}.
+    """
+
+    def __init__(self, generation: _Generation) -> None:
+        super().__init__(generation)
+        self.id = f"chatcmpl-{generation.number}"
+
+    @staticmethod
+    def prompt(doc: dict[str, Any]) -> str:
+        return _template(_messages_from_anthropic(doc))
+
+    @property
+    def stop_reason(self) -> str:
+        return "max_tokens" if self.g.truncated else "end_turn"
+
+    def _start(self) -> Event:
+        return ("message_start", {"type": "message_start", "message": {
+            "id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.g.fake.model,
+            "stop_reason": None, "stop_sequence": None, "usage": {
+                "cache_read_input_tokens": self.g.cache_n, "input_tokens": self.g.prompt - self.g.cache_n,
+                "output_tokens": 0,
+            },
+        }})
+
+    def token(self, token: str) -> list[Event]:
+        events: list[Event] = []
+        if self.g.index == 1:  # llama-server starts the message with its first token
+            events.append(self._start())
+            events.append(("content_block_start", {
+                "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""},
+            }))
+        events.append(("content_block_delta", {
+            "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token},
+        }))
+        return events
+
+    def finish(self) -> list[Event]:
+        events: list[Event] = []
+        if self.g.index:
+            events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        else:
+            events.append(self._start())  # (llama-server would send no message_start at all without a token)
+        events.append(("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": self.stop_reason, "stop_sequence": None},
+            "usage": {"output_tokens": len(self.g.tokens)},
+        }))
+        events.append(("message_stop", {"type": "message_stop"}))
+        return events
+
+    def body(self) -> dict[str, Any]:
+        text = "".join(self.g.tokens)
+        return {
+            "id": self.id, "type": "message", "role": "assistant",
+            "content": [{"type": "text", "text": text}] if text else [],
+            "model": self.g.fake.model, "stop_reason": self.stop_reason, "stop_sequence": None,
+            "usage": {
+                "cache_read_input_tokens": self.g.cache_n, "input_tokens": self.g.prompt - self.g.cache_n,
+                "output_tokens": len(self.g.tokens),
+            },
+        }
+
+
+class _ResponsesShape(_Shape):
+    """
+    C{/v1/responses} (OpenAI Responses): C{input_tokens} includes the
+    cached C{input_tokens_details.cached_tokens}; a stream's
+    C{response.completed} event carries C{timings} next to C{response}
+    (llama.cpp); no C{[DONE]}.
+    """
+
+    max_tokens = "max_output_tokens"
+
+    def __init__(self, generation: _Generation) -> None:
+        super().__init__(generation)
+        self.id = f"resp_{generation.number}"
+        self.message_id = f"msg_{generation.number}"
+
+    @staticmethod
+    def prompt(doc: dict[str, Any]) -> str:
+        return _template(_messages_from_responses(doc))
+
+    def _usage(self) -> dict[str, Any]:
+        prompt, completion = self.g.prompt, len(self.g.tokens)
+        return {
+            "input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
+            "input_tokens_details": {"cached_tokens": self.g.cache_n},
+        }
+
+    def _part(self, text: str) -> dict[str, Any]:
+        return {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+
+    def _start(self) -> list[Event]:
+        return [(name, {"type": name, "response": {"id": self.id, "object": "response", "status": "in_progress"}})
+                for name in ("response.created", "response.in_progress")]
+
+    def token(self, token: str) -> list[Event]:
+        events: list[Event] = []
+        if self.g.index == 1:  # llama-server creates the response with its first token
+            events += self._start()
+            events.append(("response.output_item.added", {"type": "response.output_item.added", "item": {
+                "content": [], "id": self.message_id, "role": "assistant", "status": "in_progress", "type": "message",
+            }}))
+            events.append(("response.content_part.added", {
+                "type": "response.content_part.added", "item_id": self.message_id,
+                "part": {"type": "output_text", "text": ""},
+            }))
+        events.append(("response.output_text.delta", {
+            "type": "response.output_text.delta", "item_id": self.message_id, "delta": token,
+        }))
+        return events
+
+    def finish(self) -> list[Event]:
+        text = "".join(self.g.tokens)
+        events: list[Event] = []
+        output: list[Any] = []
+        if not self.g.index:
+            events += self._start()  # (llama-server would send no response.created at all without a token)
+        if text:
+            part = self._part(text)
+            item = {"type": "message", "status": "completed", "id": self.message_id, "content": [part],
+                    "role": "assistant"}
+            events.append(("response.output_text.done", {
+                "type": "response.output_text.done", "item_id": self.message_id, "text": text,
+            }))
+            events.append(("response.content_part.done", {
+                "type": "response.content_part.done", "item_id": self.message_id, "part": part,
+            }))
+            events.append(("response.output_item.done", {"type": "response.output_item.done", "item": item}))
+            output.append(item)
+        completed: dict[str, Any] = {"type": "response.completed", "response": {
+            "id": self.id, "object": "response", "created_at": self.g.created, "status": "completed",
+            "model": self.g.fake.model, "output": output, "usage": self._usage(),
+        }}
+        if not self.g.openai:
+            completed["timings"] = self.g.timings
+        events.append(("response.completed", completed))
+        return events
+
+    def body(self) -> dict[str, Any]:
+        text = "".join(self.g.tokens)
+        output = [{
+            "content": [self._part(text)], "id": self.message_id, "role": "assistant", "status": "completed",
+            "type": "message",
+        }] if text else []
+        return {
+            "completed_at": self.g.created, "created_at": self.g.created, "id": self.id, "model": self.g.fake.model,
+            "object": "response", "output": output, "status": "completed", "usage": self._usage(),
+        }
+
+
+_SHAPES: dict[bytes, type[_Shape]] = {
+    b"/v1/chat/completions": _ChatShape,
+    b"/v1/completions": _CompletionShape,
+    b"/v1/messages": _MessagesShape,
+    b"/v1/responses": _ResponsesShape,
+}
 
 
 @attrs.define(eq=False)
