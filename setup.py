@@ -38,7 +38,8 @@ setup(
         "test": [
             "pytest>=8.0",
             "hypothesis>=6.100",
-            "openai>=1.40",
+            "openai>=1.66",
+            "anthropic>=0.40",
             "httpx>=0.27",
             "trustme>=1.1",
             "pyyaml>=6.0",

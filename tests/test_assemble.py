@@ -7,7 +7,7 @@ import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import GatewayTestCase, chat_body, reactor
+from support import BOB, GatewayTestCase, chat_body, reactor, until
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -165,10 +165,17 @@ class AssembledResponseTests(GatewayTestCase):
         reply.cancel()
         await upstream.ended
         self.assertTrue(upstream.disconnected)
+        await until(lambda: not self.gw.gateway.proxy.counting)  # (its prompt, counted by the upstream)
         metrics = await self.metrics()
         self.assertEqual(metrics["users"]["alice"]["cancelled"], 1)
         self.assertEqual(metrics["users"]["alice"]["completion_tokens"], 3)
         self.assertEqual(metrics["queue"]["active"], 0)
+        # billed the prompt the upstream read: what it reports for the same request run to its end
+        self.fake.manual = False
+        await (await self.chat(stream=False, key=BOB)).text()
+        users = (await self.metrics())["users"]
+        self.assertEqual(users["alice"]["prompt_tokens"], users["bob"]["prompt_tokens"])
+        self.assertGreater(users["alice"]["prompt_tokens"], 0)
 
     async def test_a_request_that_waited_in_the_queue_is_assembled_too(self) -> None:
         # while it waits its parsed body is let go; it is parsed again to be sent as a stream

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_gw.apis.assemble import Assembler
+from twisted_gw.apis.errors import GatewayError
+from twisted_gw.apis.kinds import anthropic_dialect, api_of, takes_a_place
 from twisted_gw.apis.sse import SSEParser, comment, queue_position_comment
 from twisted_gw.apis.usage import Usage, UsageTracker, usage_from_object
 
@@ -120,3 +123,97 @@ class UsageTests(SynchronousTestCase):
         empty = UsageTracker()
         empty.see_body(b"<html>")
         self.assertEqual(empty.usage, Usage())
+
+
+def events(*objects: dict[str, Any]) -> list[bytes]:
+    return [json.dumps(o, separators=(",", ":")).encode() for o in objects]
+
+
+class EveryAPIUsageTests(SynchronousTestCase):
+    """The usage shapes llama-server sends on each API (captured from a real one; ids and model left out)."""
+
+    def test_messages_non_stream_bills_the_cached_prefix(self) -> None:
+        usage = {"cache_read_input_tokens": 21, "input_tokens": 5, "output_tokens": 4}
+        body = {"type": "message", "role": "assistant", "content": [{"type": "text", "text": "Hi"}], "usage": usage}
+        self.assertEqual(usage_from_object(body), Usage(26, 4, "usage"))
+        usage["cache_creation_input_tokens"] = 3  # (Anthropic's own API: created cache is input too)
+        self.assertEqual(usage_from_object(body), Usage(29, 4, "usage"))
+
+    def test_messages_stream_merges_start_and_delta(self) -> None:
+        tracker = UsageTracker("messages")
+        for event in events(
+            {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "content": [],
+                                                  "usage": {"input_tokens": 5, "cache_read_input_tokens": 21,
+                                                            "output_tokens": 0}}},
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "lo"}},
+        ):
+            tracker.see_event(event)
+        self.assertEqual(tracker.content_chunks, 2)
+        # cut here: the prompt is known, the output counted from the deltas relayed
+        self.assertEqual(tracker.usage, Usage(26, 2, "estimate"))
+        for event in events(
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+             "usage": {"output_tokens": 4}},
+            {"type": "message_stop"},
+        ):
+            tracker.see_event(event)
+        self.assertEqual(tracker.usage, Usage(26, 4, "usage"))
+
+    def test_responses_input_tokens_already_hold_the_cached_ones(self) -> None:
+        usage = {"input_tokens": 26, "output_tokens": 4, "total_tokens": 30,
+                 "input_tokens_details": {"cached_tokens": 21}}
+        self.assertEqual(usage_from_object({"object": "response", "usage": usage}), Usage(26, 4, "usage"))
+        tracker = UsageTracker("responses")
+        for event in events(
+            {"type": "response.created", "response": {"object": "response", "status": "in_progress"}},
+            {"type": "response.output_text.delta", "item_id": "i", "output_index": 0, "content_index": 0,
+             "delta": "Hel"},
+            {"type": "response.output_text.delta", "item_id": "i", "output_index": 0, "content_index": 0,
+             "delta": "lo"},
+            {"type": "response.output_text.done", "item_id": "i", "output_index": 0, "content_index": 0,
+             "text": "Hello"},
+        ):
+            tracker.see_event(event)
+        self.assertEqual(tracker.usage, Usage(0, 2, "estimate"))  # (the *.done event repeats the text: not a token)
+        tracker.see_event(events({"type": "response.completed", "response": {
+            "object": "response", "status": "completed", "usage": usage}})[0])
+        self.assertEqual(tracker.usage, Usage(26, 4, "usage"))
+
+    def test_responses_timings_when_there_is_no_usage(self) -> None:
+        tracker = UsageTracker("responses")
+        tracker.see_event(events({"type": "response.completed", "response": {"object": "response"},
+                                  "timings": {"prompt_n": 5, "cache_n": 21, "predicted_n": 4}})[0])
+        self.assertEqual(tracker.usage, Usage(26, 4, "timings"))
+
+    def test_embeddings(self) -> None:
+        body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
+                "usage": {"prompt_tokens": 7, "total_tokens": 7}}
+        self.assertEqual(usage_from_object(body), Usage(7, 0, "usage"))
+
+
+class KindsTests(SynchronousTestCase):
+    def test_paths(self) -> None:
+        self.assertEqual([api_of(p) for p in (b"/v1/chat/completions", b"/v1/completions", b"/v1/responses",
+                                              b"/v1/messages", b"/v1/embeddings", b"/v1/messages/count_tokens",
+                                              b"/v1/models", b"/v1/rerank")],
+                         ["chat", "completions", "responses", "messages", "embeddings", "count_tokens", "models",
+                          "other"])
+        self.assertFalse(takes_a_place(b"POST", b"/v1/messages/count_tokens"))
+        self.assertFalse(takes_a_place(b"GET", b"/v1/models"))
+        self.assertTrue(takes_a_place(b"POST", b"/v1/messages"))
+        self.assertTrue(anthropic_dialect(b"/v1/messages/count_tokens"))
+        self.assertFalse(anthropic_dialect(b"/v1/messagesx"))
+
+    def test_anthropic_error_types_by_status(self) -> None:
+        expected = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                    502: "api_error", 503: "overloaded_error", 504: "timeout_error", 418: "invalid_request_error",
+                    507: "api_error"}
+        for status, kind in expected.items():
+            self.assertEqual(json.loads(GatewayError(status, "why").body(anthropic=True)),
+                             {"type": "error", "error": {"type": kind, "message": "why"}})
+        self.assertEqual(json.loads(GatewayError(429, "why", "rate_limit_error", "queue_full").body()),
+                         {"error": {"message": "why", "type": "rate_limit_error", "code": "queue_full"}})

@@ -21,7 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from support import ALICE, BOB, TWISTD, USAGE, GatewayTestCase, chat_body, content_needle, reactor, sse_data
+from support import ALICE, BOB, TWISTD, USAGE, GatewayTestCase, chat_body, content_needle, reactor, sse_data, until
 from twisted.internet import task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList
@@ -106,7 +106,7 @@ class LedgerTests(GatewayTestCase):
         await cut.body.wait_for(content_needle(","))
         cut.body.abort()
         await self.fake.generations[-1].ended
-        await settle()
+        await until(lambda: not self.gw.gateway.proxy.counting)  # (its prompt, counted by the upstream)
         plain = Deferred.fromCoroutine(self.chat(stream=False, key=ALICE))
         self.fake.release(len(self.fake.reply))
         await (await plain).text()
@@ -134,8 +134,10 @@ class LedgerTests(GatewayTestCase):
             self.assertEqual(usage.main(["--db", db, "--by", "user", "--json"]), 0)
         by_user = {row["user"]: row for row in json.loads(out.getvalue())}
         self.assertEqual(by_user["alice"]["completion_tokens"], 16)
-        self.assertEqual(by_user["bob"], {"user": "bob", "requests": 1, "prompt_tokens": 0, "completion_tokens": 2,
-                                          "total_tokens": 2, "cancelled": 1, "estimated": 1})
+        # bob left mid-stream: billed the prompt the upstream read (as alice's same request reported it)
+        prompt = rows[0][4]
+        self.assertEqual(by_user["bob"], {"user": "bob", "requests": 1, "prompt_tokens": prompt, "completion_tokens": 2,
+                                          "total_tokens": prompt + 2, "cancelled": 1, "estimated": 1})
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             usage.main(["--db", db, "--by", "day"])
@@ -148,6 +150,32 @@ class LedgerTests(GatewayTestCase):
             usage.main(["--db", db, "--by", "model", "--csv", "--since", "2999-01-01"])
         self.assertEqual(out.getvalue(), "model,requests,prompt_tokens,completion_tokens,total_tokens,cancelled,"
                                          "estimated\n")
+
+    async def test_an_earlier_ledger_is_migrated_in_place(self) -> None:
+        """A ledger written before the api column: its rows gain it at startup, and keep their totals."""
+        db = os.path.abspath(self.mktemp()) + ".sqlite3"
+        earlier = sqlite3.connect(db)
+        earlier.executescript(SCHEMA.replace(",\n    api TEXT\n", "\n"))
+        old_columns = INSERT.replace(", api)", ")").replace(", ?)", ")")
+        for endpoint, tokens in (("/v1/chat/completions", 3), ("/v1/completions", 5), ("/v1/models", 0)):
+            earlier.execute(old_columns, (2.0, "alice", "POST", endpoint, None, 200, tokens, 1, "usage", 0.0, None,
+                                          1.0, None, 0))
+        earlier.commit()
+        earlier.close()
+        # the report reads it before any gateway migrated it
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(usage.main(["--db", db, "--by", "api", "--json"]), 0)
+        self.assertEqual([(r["api"], r["prompt_tokens"]) for r in json.loads(out.getvalue())],
+                         [("chat", 3), ("completions", 5), ("models", 0)])
+        await self.start(usage_db=db)
+        self.assertEqual((await self.metrics())["users"]["alice"]["prompt_tokens"], 8)
+        await (await self.chat()).text()
+        await settle()
+        await self.gw.gateway.ledger.flush()
+        rows = sqlite3.connect(db).execute("SELECT endpoint, api FROM requests ORDER BY id").fetchall()
+        self.assertEqual(rows, [("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
+                                ("/v1/models", "models"), ("/v1/chat/completions", "chat")])
 
     async def test_online_backup_while_running_and_restore(self) -> None:
         """docs/operations.md's backup and restore: the copy holds what was written when it was taken."""
@@ -199,7 +227,7 @@ class UsageCommandTests(SynchronousTestCase):
         ledger = sqlite3.connect(self.db)
         ledger.executescript(SCHEMA)
         ledger.execute(INSERT, (2.0, "alice", "POST", "/v1/chat/completions", None, 200, 3, 4, "usage", 0.0, None,
-                                1.0, None, 0))
+                                1.0, None, 0, "chat"))
         ledger.commit()
         ledger.close()
 

@@ -20,10 +20,11 @@ HOP_BY_HOP = frozenset({
 })
 
 # Also dropped from requests: the gateway sets its own Host and length, the
-# client's key is not the upstream's, X-Gateway-User is the gateway's to say,
-# and the gateway must read usage from the response, so no compression.
+# client's key (either header) is not the upstream's and must never reach its
+# logs, X-Gateway-User is the gateway's to say, and the gateway must read usage
+# from the response, so no compression.
 REQUEST_DROP = HOP_BY_HOP | {
-    b"host", b"authorization", b"content-length", b"x-gateway-user", b"accept-encoding",
+    b"host", b"authorization", b"x-api-key", b"content-length", b"x-gateway-user", b"accept-encoding",
 }
 
 # Never copied from an upstream's response: its framing (Twisted frames what the gateway writes) and

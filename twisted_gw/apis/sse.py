@@ -60,6 +60,11 @@ def data_event(obj: object) -> bytes:
     return b"data: " + json.dumps(obj, separators=(", ", ": ")).encode("utf-8") + b"\n\n"
 
 
+def named_event(name: str, obj: object) -> bytes:
+    """One SSE event of type C{name} (Anthropic's streams name every event) carrying C{obj} as JSON."""
+    return b"event: " + name.encode("ascii") + b"\n" + data_event(obj)
+
+
 def queue_position_comment(position: int) -> bytes:
     return comment(f"queue position={position}")
 

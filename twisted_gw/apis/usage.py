@@ -1,6 +1,8 @@
 """
-Token usage read from what an upstream sent, without I/O: OpenAI's C{usage},
-llama.cpp's C{timings}, or an estimate for a stream cut short.
+Token usage read from what an upstream sent, without I/O: the C{usage} of
+OpenAI's chat, completions and embeddings, of the Responses API and of
+Anthropic's Messages API, llama.cpp's C{timings}, or an estimate for a stream
+cut short.
 """
 
 from __future__ import annotations
@@ -24,65 +26,114 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def usage_from_object(obj: Any) -> Optional[Usage]:
+def _containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where usage may be: the object, or the message (Messages' C{message_start}) or response (Responses' events)."""
+    found = [obj]
+    for name in ("message", "response"):
+        inner = obj.get(name)
+        if isinstance(inner, dict):
+            found.append(inner)
+    return found
+
+
+def from_usage(usage: dict[str, Any]) -> Optional[Usage]:
     """
-    Usage from one response object (a stream chunk or a whole JSON response):
-    the OpenAI C{usage} if present, else llama.cpp's C{timings}, where prompt
-    tokens are C{prompt_n + cache_n} (the cached prefix counts too).
+    One C{usage} object, in any API's shape: OpenAI's C{prompt_tokens} and
+    C{completion_tokens} (chat, completions, embeddings); the Responses API's
+    C{input_tokens} (the cached ones included), told by its C{total_tokens} or
+    C{input_tokens_details}; Anthropic's C{input_tokens}, which leaves out
+    C{cache_read_input_tokens} and C{cache_creation_input_tokens}, both billed too.
     """
-    if not isinstance(obj, dict):
-        return None
-    usage = obj.get("usage")
-    if isinstance(usage, dict) and ("prompt_tokens" in usage or "completion_tokens" in usage):
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
         return Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), "usage")
-    timings = obj.get("timings")
-    if isinstance(timings, dict) and ("prompt_n" in timings or "predicted_n" in timings):
+    if "input_tokens" in usage or "output_tokens" in usage:
+        prompt = _int(usage.get("input_tokens"))
+        if "total_tokens" not in usage and "input_tokens_details" not in usage:
+            prompt += _int(usage.get("cache_read_input_tokens")) + _int(usage.get("cache_creation_input_tokens"))
+        return Usage(prompt, _int(usage.get("output_tokens")), "usage")
+    return None
+
+
+def from_timings(timings: dict[str, Any]) -> Optional[Usage]:
+    """llama.cpp's C{timings}: prompt tokens are C{prompt_n + cache_n} (the cached prefix counts too)."""
+    if "prompt_n" in timings or "predicted_n" in timings:
         return Usage(
-            _int(timings.get("prompt_n")) + _int(timings.get("cache_n")),
-            _int(timings.get("predicted_n")),
-            "timings",
+            _int(timings.get("prompt_n")) + _int(timings.get("cache_n")), _int(timings.get("predicted_n")), "timings"
         )
     return None
 
 
-# A chunk that carries generated text: a string "content" (chat) or "text" (completions).
+def usage_from_object(obj: Any) -> Optional[Usage]:
+    """
+    Usage from one response object (a stream event or a whole JSON response):
+    its C{usage} if present, else llama.cpp's C{timings}.
+    """
+    if not isinstance(obj, dict):
+        return None
+    timings = None
+    for container in _containers(obj):
+        usage = container.get("usage")
+        if isinstance(usage, dict):
+            found = from_usage(usage)
+            if found is not None:
+                return found
+        if timings is None and isinstance(container.get("timings"), dict):
+            timings = from_timings(container["timings"])
+    return timings
+
+
+# An event that carries generated text: a string "content" (chat) or "text" (completions, Messages' text deltas),
+# or for the Responses API a string "delta" (response.output_text.delta; its *.done events repeat the whole text).
 _CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"[^"]')
+_DELTA = re.compile(rb'"delta"\s*:\s*"[^"]')
 
 
 class UsageTracker:
     """
-    Watches a response (stream events or a JSON body) for its token usage:
-    C{usage} first, then llama.cpp's C{timings}, and for a stream cut short
-    before either, the number of content chunks relayed (llama.cpp sends one
-    token a chunk), flagged as an estimate.
+    Watches a response (stream events or a JSON body) of one API (see
+    L{twisted_gw.apis.kinds.api_of}) for its token usage: C{usage} first, then
+    llama.cpp's C{timings}, and for a stream cut short before either, the
+    number of content events relayed (llama.cpp sends one token an event),
+    flagged as an estimate.  A Messages stream tells its usage in parts
+    (input in C{message_start}, output in C{message_delta}): the fields are
+    merged, the latest value of each kept.
     """
 
-    __slots__ = ("_from_timings", "_from_usage", "content_chunks")
+    __slots__ = ("_fields", "_from_timings", "_from_usage", "_text", "_text_key", "content_chunks")
 
-    def __init__(self) -> None:
+    def __init__(self, api: str = "chat") -> None:
         self._from_usage: Optional[Usage] = None
         self._from_timings: Optional[Usage] = None
+        self._fields: dict[str, Any] = {}
         self.content_chunks = 0
+        self._text_key: tuple[bytes, ...]
+        if api == "responses":
+            self._text, self._text_key = _DELTA, (b'"delta"',)
+        else:
+            self._text, self._text_key = _CONTENT, (b'"content"', b'"text"')
 
     def see_object(self, obj: Any) -> None:
-        found = usage_from_object(obj)
-        if found is None:
+        if not isinstance(obj, dict):
             return
-        if found.source == "usage":
-            self._from_usage = found
-        else:
-            self._from_timings = found
-        # a usage chunk may carry timings too; keep both readings
-        if found.source == "usage" and isinstance(obj, dict):
-            timings = usage_from_object({"timings": obj.get("timings")})
-            if timings is not None:
-                self._from_timings = timings
+        for container in _containers(obj):
+            usage = container.get("usage")
+            if isinstance(usage, dict) and from_usage(usage) is not None:
+                if "input_tokens" in usage or "output_tokens" in usage:
+                    self._fields.update(usage)  # (Messages' parts; whole objects on other APIs)
+                    self._from_usage = from_usage(self._fields)
+                else:
+                    self._from_usage = from_usage(usage)
+            timings = container.get("timings")
+            if isinstance(timings, dict):
+                found = from_timings(timings)
+                if found is not None:
+                    self._from_timings = found
 
     def see_event(self, data: bytes) -> None:
         """An event as relayed: counted, and parsed only if it can carry numbers."""
-        if (b'"content"' in data or b'"text"' in data) and _CONTENT.search(data):
+        if any(key in data for key in self._text_key) and self._text.search(data):
             self.content_chunks += 1
-        # Parsing JSON costs more than relaying: only the chunks that can carry
+        # Parsing JSON costs more than relaying: only the events that can carry
         # numbers are parsed (llama.cpp puts them on the last one or two).
         if b'"usage"' not in data and b'"timings"' not in data:
             return
@@ -100,8 +151,10 @@ class UsageTracker:
 
     @property
     def usage(self) -> Usage:
-        if self._from_usage or self._from_timings:
-            return self._from_usage or self._from_timings  # type: ignore[return-value]
-        if self.content_chunks:
-            return Usage(0, self.content_chunks, "estimate")
-        return Usage()
+        told = self._from_usage or self._from_timings
+        if told is None:
+            return Usage(0, self.content_chunks, "estimate") if self.content_chunks else Usage()
+        if told.completion_tokens < self.content_chunks:
+            # told before the output ended (Messages' message_start), and the stream cut before the rest
+            return Usage(told.prompt_tokens, self.content_chunks, "estimate")
+        return told

@@ -139,7 +139,7 @@ class Accounting:
             totals.prompt_tokens += rec.prompt_tokens
             totals.completion_tokens += rec.completion_tokens
             totals.cancelled += rec.cancelled
-        if rec.method == "POST":  # (the windows are about generations: a model list's time says nothing of them)
+        if rec.generation:  # (the windows are about generations: a model list's time says nothing of them)
             self._recent.add(now, rec.completion_tokens, rec.duration, rec.ttft)
         self._expire()
 

@@ -47,25 +47,52 @@ CREATE TABLE IF NOT EXISTS requests (
     ttft REAL,
     duration REAL NOT NULL,
     tokens_per_second REAL,
-    cancelled INTEGER NOT NULL
+    cancelled INTEGER NOT NULL,
+    api TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_finished_at ON requests (finished_at);
 """
 
+# Columns added since the first ledger, with what fills them in the rows written before: added at startup.
+# (the API of a row written before the column was, as twisted_gw.apis.kinds.api_of would have named it)
+API_OF_ENDPOINT = """CASE endpoint
+    WHEN '/v1/chat/completions' THEN 'chat' WHEN '/v1/completions' THEN 'completions'
+    WHEN '/v1/responses' THEN 'responses' WHEN '/v1/messages' THEN 'messages'
+    WHEN '/v1/embeddings' THEN 'embeddings' WHEN '/v1/messages/count_tokens' THEN 'count_tokens'
+    WHEN '/v1/models' THEN 'models' ELSE 'other' END"""
+MIGRATIONS = (
+    ("api", "TEXT", f"UPDATE requests SET api = {API_OF_ENDPOINT}"),
+)
+
 COLUMNS = (
     "finished_at", "user", "method", "endpoint", "model", "status", "prompt_tokens", "completion_tokens",
-    "usage_source", "queue_wait", "ttft", "duration", "tokens_per_second", "cancelled",
+    "usage_source", "queue_wait", "ttft", "duration", "tokens_per_second", "cancelled", "api",
 )
 
 INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
 def connect(path: str) -> sqlite3.Connection:
-    """Open (and create) the ledger with its schema, in WAL mode."""
+    """Open (and create) the ledger with its schema, in WAL mode; a ledger of an earlier version is migrated."""
     db = sqlite3.connect(path)
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(SCHEMA)
+    migrate(db)
     return db
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Add the columns an earlier ledger lacks, filled for its rows, in one transaction."""
+    present = {column[1] for column in db.execute("PRAGMA table_info(requests)")}
+    missing = [m for m in MIGRATIONS if m[0] not in present]
+    if not missing:
+        return
+    with db:
+        for name, kind, fill in missing:
+            db.execute(f"ALTER TABLE requests ADD COLUMN {name} {kind}")
+            db.execute(fill)
+    log.info("usage ledger: added the column(s) {names} to the earlier ledger's rows",
+             names=", ".join(m[0] for m in missing))
 
 
 def load_totals(path: str, since: float = 0.0) -> dict[str, UserTotals]:
@@ -86,7 +113,7 @@ def row(record: RequestRecord, finished_at: float) -> tuple[Any, ...]:
     return (
         finished_at, record.user, record.method, record.path, record.model, record.status, record.prompt_tokens,
         record.completion_tokens, record.usage_source, record.queue_wait, record.ttft, record.duration,
-        record.tokens_per_second, int(record.cancelled),
+        record.tokens_per_second, int(record.cancelled), record.api,
     )
 
 

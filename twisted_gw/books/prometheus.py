@@ -76,7 +76,7 @@ class PrometheusMetrics:
             self.cancelled.labels(rec.user).inc()
         if rec.error and (rec.error.startswith("upstream_") or rec.error == "idle_timeout"):  # (the upstream's doing)
             self.upstream_errors.labels(rec.error).inc()
-        if rec.method == "POST":
+        if rec.generation:
             self.queue_wait.observe(rec.queue_wait)
         if rec.ttft is not None:
             self.ttft.observe(rec.ttft)

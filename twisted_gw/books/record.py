@@ -25,3 +25,9 @@ class RequestRecord:
     ttft: Optional[float] = None
     tokens_per_second: Optional[float] = None
     error: Optional[str] = None
+    api: str = "other"  # chat, completions, responses, messages, embeddings, count_tokens, models or other
+
+    @property
+    def generation(self) -> bool:
+        """Whether it asked an upstream to generate (or embed): what latency windows and queue times are about."""
+        return self.method == "POST" and self.api != "count_tokens"

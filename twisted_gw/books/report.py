@@ -24,13 +24,14 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
-from twisted_gw.books.ledger import ledger_enabled
+from twisted_gw.books.ledger import API_OF_ENDPOINT, ledger_enabled
 from twisted_gw.config import USAGE_DB_DEFAULT
 
 GROUPS = {
     "user": "user",
     "day": "date(finished_at, 'unixepoch')",
     "model": "coalesce(model, '')",
+    "api": "api",
 }
 PROG = "llmgw-usage"
 HEADERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cancelled", "estimated")
@@ -61,6 +62,9 @@ def report(db_path: str, by: str, since: Optional[float] = None, until: Optional
     )
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
+        if by == "api" and "api" not in {c[1] for c in db.execute("PRAGMA table_info(requests)")}:
+            # a ledger no gateway of this version has opened yet (it would have added the column)
+            sql = sql.replace("SELECT api AS k", f"SELECT {API_OF_ENDPOINT} AS k")
         rows = db.execute(sql, args).fetchall()
     finally:
         db.close()

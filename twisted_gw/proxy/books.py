@@ -47,6 +47,7 @@ def record_of(ex: Exchange, ended: float) -> RequestRecord:
         ttft=ttft,
         tokens_per_second=speed,
         error=ex.error,
+        api=ex.api,
     )
 
 
@@ -61,7 +62,7 @@ def log_access(record: RequestRecord) -> None:
         "{access}",
         access=f"{record.method} {record.path} {record.status} user={record.user} wait={record.queue_wait:.3f}s "
                f"time={record.duration:.3f}s tokens={record.prompt_tokens}+{record.completion_tokens}{note}",
-        method=record.method, path=record.path, status=record.status, user=record.user,
+        method=record.method, path=record.path, status=record.status, user=record.user, api=record.api,
         model=record.model, queue_wait=record.queue_wait, ttft=record.ttft, duration=record.duration,
         prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
         tokens_per_second=record.tokens_per_second, usage_source=record.usage_source,

@@ -28,12 +28,14 @@ from twisted_gw.admission.keepalive import Keepalives
 from twisted_gw.admission.quota import Quotas
 from twisted_gw.apis.checks import check_method, check_uri, inspect_body
 from twisted_gw.apis.errors import GatewayError, gateway_timeout, unavailable
+from twisted_gw.apis.kinds import takes_a_place
 from twisted_gw.proxy.books import Books, Sink, log_refused
 from twisted_gw.proxy.client import ClientRequest, IClientResponse
 from twisted_gw.proxy.exchange import Deadline, Exchange
 from twisted_gw.proxy.forward import Forwarder
 from twisted_gw.proxy.memory import AfterBurst
 from twisted_gw.proxy.places import Places
+from twisted_gw.proxy.prompts import PromptCounter, needs_prompt_count
 from twisted_gw.proxy.relay import Relay
 from twisted_gw.upstream import Upstream
 
@@ -63,6 +65,8 @@ class Proxy:
     assemble_non_stream: str = "auto"
     health_checks: bool = False  # a failed upstream is taken out of routing until a check finds it up
     active: set[Exchange] = attrs.Factory(set)
+    counting: set[Exchange] = attrs.Factory(set)  # ended, their books waiting for their prompt to be counted
+    prompt_counter: PromptCounter = attrs.Factory(PromptCounter)
     books: Books = attrs.field(init=False)
     places: Places = attrs.field(init=False)
     forwarder: Forwarder = attrs.field(init=False)
@@ -104,7 +108,7 @@ class Proxy:
     async def _run(self, ex: Exchange) -> None:
         try:
             self.places.check_quota(ex)
-            if ex.request.method == b"POST":  # (a generation takes a place; a model list does not)
+            if takes_a_place(ex.request.method, ex.request.path):  # (a model list, count_tokens: no place)
                 ex.ticket = await self.places.take(ex)
             ex.running = True
             if ex.request.method == b"GET" and ex.request.path == b"/v1/models" and len(self.upstreams) > 1:
@@ -135,26 +139,48 @@ class Proxy:
             raise e
         log.warn("{user}: {error}", user=ex.user, error=e)
         if ex.event_stream:
-            ex.write_error_event(e.message, e.type, e.code or "error")
+            ex.write_error_event(e.message, e.type, e.code or "error", e.status)
             return e.code in CUT_SHORT
         return True
 
     def _settle(self, ex: Exchange) -> None:
-        """However a request ended: its place given back, its tokens counted in its quota, its books handed off."""
+        """
+        However a request ended: its place given back, its tokens counted in
+        its quota, its books handed off; for one that ended before its upstream
+        told the prompt it read, once the prompt is counted.
+        """
         self.places.keepalives.discard(ex)
         ex.deadline.stop()
         if ex.ticket is not None:
             ex.ticket.release()
-        usage = ex.final_usage()
-        self.quotas.used(ex.user, usage.prompt_tokens + usage.completion_tokens)
-        self.books.hand_off(ex, self.clock.seconds())
+        ended = self.clock.seconds()
+        if needs_prompt_count(ex, ex.final_usage()):
+            self.counting.add(ex)
+            counted = self.prompt_counter.count(ex)
+            counted.addCallback(lambda found: setattr(ex, "counted_prompt", found))
+            counted.addErrback(lambda f: log.failure("counting the prompt of {user}'s request", f, user=ex.user))
+            counted.addBoth(lambda _: self._charge(ex, ended))
+        else:
+            self._charge(ex, ended)
         self.active.discard(ex)
         self.memory.seen(len(self.active))
-        if not self.active and self._idle:
+        self._maybe_idle()
+
+    def _charge(self, ex: Exchange, ended: float) -> None:
+        usage = ex.final_usage()
+        self.quotas.used(ex.user, usage.prompt_tokens + usage.completion_tokens)
+        self.books.hand_off(ex, ended)
+        if ex in self.counting:
+            self.counting.discard(ex)
+            if not self.active and not self.counting and self._idle:
+                self._now_idle()  # (its answer was finished long ago)
+
+    def _maybe_idle(self) -> None:
+        if not self.active and not self.counting and self._idle:
             self.clock.callLater(0, self._now_idle)  # (once this answer is finished: its web layer finishes it next)
 
     def _now_idle(self) -> None:
-        if self.active:
+        if self.active or self.counting:
             return
         self.books.keep()
         idle, self._idle = self._idle, []
@@ -206,7 +232,7 @@ class Proxy:
         self.admission.close()
         self.memory.stop()
         self.books.keep()
-        if not self.active:
+        if not self.active and not self.counting:
             return succeed(None)
         done: Deferred[None] = Deferred()
         self._idle.append(done)

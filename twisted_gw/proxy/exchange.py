@@ -13,7 +13,8 @@ from twisted_gw.admission import Ticket, UserSettings
 from twisted_gw.apis import sse
 from twisted_gw.apis.assemble import Assembler
 from twisted_gw.apis.checks import BodyInfo, HeaderPairs
-from twisted_gw.apis.errors import GatewayError, error_document
+from twisted_gw.apis.errors import GatewayError, anthropic_document, error_document
+from twisted_gw.apis.kinds import anthropic_dialect, api_of
 from twisted_gw.apis.usage import Usage, UsageTracker
 from twisted_gw.proxy.client import ClientRequest, IClientResponse
 from twisted_gw.upstream import Upstream
@@ -90,17 +91,23 @@ class Exchange:
     running: bool = False  # past the queue
     cancelled: bool = False
     error: Optional[str] = None
-    tracker: UsageTracker = attrs.Factory(UsageTracker)
+    tracker: UsageTracker = attrs.Factory(lambda self: UsageTracker(api_of(self.request.path)), takes_self=True)
     assembler: Optional[Assembler] = None  # what built its answer from a stream, until counted in its usage
     first_token_at: Optional[float] = None
     ticket: Optional[Ticket] = None
     upstream: Optional[Upstream] = None  # the one it went to (last)
     current: Optional[Deferred[Any]] = None
     interrupted: Optional[GatewayError] = None
+    sent_upstream: bool = False  # an upstream was sent it (and may have read its prompt)
+    counted_prompt: Optional[tuple[int, str]] = None  # its prompt's tokens and how known, when counted after it ended
 
     @property
     def stream(self) -> bool:
         return self.info.stream
+
+    @property
+    def api(self) -> str:
+        return api_of(self.request.path)
 
     @property
     def model(self) -> Optional[str]:
@@ -112,7 +119,11 @@ class Exchange:
         if assembler is not None:
             self.tracker.content_chunks += assembler.tokens
             self.tracker.see_object({"usage": assembler.usage, "timings": assembler.timings})
-        return self.tracker.usage
+        usage = self.tracker.usage
+        if self.counted_prompt is not None and usage.prompt_tokens == 0:
+            tokens, how = self.counted_prompt
+            return Usage(tokens, usage.completion_tokens, "estimate" if usage.source == "estimate" else how)
+        return usage
 
     def start(self, status: int, headers: HeaderPairs) -> None:
         """The response's status and headers (sent with its first write)."""
@@ -133,8 +144,12 @@ class Exchange:
     def write_keepalive(self) -> None:
         self.response.write(KEEPALIVE)
 
-    def write_error_event(self, message: str, type: str, code: str) -> None:
-        self.write(sse.data_event(error_document(message, type, code)))
+    def write_error_event(self, message: str, type: str, code: str, status: int) -> None:
+        """The error that ends a stream already begun: Anthropic's C{event: error} on Messages, else OpenAI's."""
+        if anthropic_dialect(self.request.path):
+            self.write(sse.named_event("error", anthropic_document(status, message)))
+        else:
+            self.write(sse.data_event(error_document(message, type, code)))
 
     async def wait(self, d: Deferred[T]) -> T:
         """Await C{d}; L{interrupt} cancels it and raises its error here instead."""

@@ -111,6 +111,7 @@ class Forwarder:
             sent = upstream.request(ex.request.method, ex.request.uri, headers, body or None)
         except Exception as e:  # (it fails its Deferred instead; as if it had)
             raise _Unreachable(e) from None
+        ex.sent_upstream = True
         ex.deadline.set(self.upstream_timeout, "upstream_timeout")
         try:
             return await ex.wait(sent), assembler, injected_usage

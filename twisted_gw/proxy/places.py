@@ -17,6 +17,7 @@ from twisted_gw.admission.keepalive import Keepalives
 from twisted_gw.admission.quota import Quotas
 from twisted_gw.apis import sse
 from twisted_gw.apis.errors import GatewayError, unavailable
+from twisted_gw.apis.kinds import api_of, takes_a_place
 from twisted_gw.proxy.exchange import Exchange
 
 # Seconds a client is asked to wait when no upstream is up (a restarting llama-server takes about that).
@@ -41,7 +42,7 @@ class Places:
         for name, value in self.quotas.headers(ex.user, settings).items():
             ex.response.set_header(name, [value])
         spent = self.quotas.exceeded(ex.user, settings)
-        if spent is not None and ex.request.method == b"POST":
+        if spent is not None and takes_a_place(ex.request.method, ex.request.path):
             raise GatewayError(
                 429, f"Token quota used up: {spent.used} of {spent.limit} {spent.name.replace('_', ' ')}.",
                 "rate_limit_error", "rate_limit_exceeded",
@@ -94,5 +95,6 @@ class Places:
             ex.response.set_header(b"X-Queue-Position", [str(position).encode("ascii")])
             self.keepalives.add(ex, ex.write_keepalive)
         ex.write(sse.queue_position_comment(position))
-        if self.queue_events == "data":
+        if self.queue_events == "data" and api_of(ex.request.path) in ("chat", "completions"):
+            # (a data event is a chunk to an OpenAI chat client; the Anthropic and Responses SDKs would choke on it)
             ex.write(sse.queue_update_event(position))

@@ -142,4 +142,4 @@ class Relay:
             if text.strip():
                 message = f"{message}: {text.strip()[:500]}"
         ex.error = f"upstream_{response.code}"
-        ex.write_error_event(message, "upstream_error", ex.error)
+        ex.write_error_event(message, "upstream_error", ex.error, response.code)

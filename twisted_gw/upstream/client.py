@@ -255,8 +255,15 @@ class Upstream:
         d = Deferred.fromCoroutine(self._get_json(uri))
         return d.addTimeout(timeout, self.reactor)
 
-    async def _get_json(self, uri: bytes) -> tuple[int, Any]:
-        response = await self.request(b"GET", uri, (), None)
+    def post_json(self, uri: bytes, doc: Any, timeout: float = CHECK_TIMEOUT) -> Deferred[tuple[int, Any]]:
+        """C{POST uri} with C{doc} as JSON: the status and JSON body (None when not JSON), within C{timeout} seconds."""
+        body = json.dumps(doc).encode("utf-8")
+        d = Deferred.fromCoroutine(self._get_json(uri, b"POST", body))
+        return d.addTimeout(timeout, self.reactor)
+
+    async def _get_json(self, uri: bytes, method: bytes = b"GET", body: Optional[bytes] = None) -> tuple[int, Any]:
+        headers = [(b"Content-Type", [b"application/json"])] if body is not None else []
+        response = await self.request(method, uri, headers, body)
         body = await read_body(response, MAX_CHECK_BODY)
         try:
             return response.code, json.loads(body)

@@ -20,7 +20,8 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
-from twisted_gw.apis.errors import GatewayError, bad_request, error_json, unauthorized
+from twisted_gw.apis.errors import GatewayError, bad_request, dialect_json, unauthorized
+from twisted_gw.apis.kinds import anthropic_dialect
 from twisted_gw.proxy import Proxy
 from twisted_gw.web.access import LOOPBACK, PROXY_HEADERS, Network, address_allowed, describe
 from twisted_gw.web.response import WebResponse, client_request
@@ -47,6 +48,17 @@ def bearer_key(request: IRequest) -> Optional[str]:
         return None
     try:
         return key.strip().decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def api_key_header(request: IRequest) -> Optional[str]:
+    """The key of an C{x-api-key: <key>} header (Anthropic's), or None."""
+    header = request.getHeader(b"x-api-key")
+    if header is None or not header.strip():
+        return None
+    try:
+        return header.strip().decode("utf-8")
     except UnicodeDecodeError:
         return None
 
@@ -149,14 +161,19 @@ class GatewayApp:
         return None
 
     def _user_of(self, request: IRequest) -> str:
-        """The user whose key the request carries; raises the 401 (or 400, for two different keys) to answer."""
+        """
+        The user whose key the request carries, as C{Authorization: Bearer}
+        or Anthropic's C{x-api-key}; raises the 401 (or 400, for two different
+        keys) to answer.
+        """
         key = bearer_key(request)
-        other = request.getHeader(b"x-api-key")
-        if key is not None and other is not None and other.strip() != key.encode("utf-8"):
+        other = api_key_header(request)
+        if key is not None and other is not None and other != key:
             raise bad_request("The request carries two different keys (Authorization and x-api-key).",
                               "ambiguous_credentials")
+        key = key if key is not None else other
         if key is None:
-            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
         user = self.lookup_user(key)
         if user is None:
             raise unauthorized("Incorrect API key provided.")
@@ -191,7 +208,7 @@ class GatewayApp:
         request.setHeader(b"Content-Type", b"application/json")
         for name, value in e.headers.items():
             request.setHeader(name, value)
-        return e.body()
+        return e.body(anthropic_dialect(request.path))
 
     def http_error(self, request: IRequest, failure: Failure) -> bytes:
         e = failure.value
@@ -200,7 +217,8 @@ class GatewayApp:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(code, "http_error")
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"application/json")
-        return error_json(e.description or e.name, "invalid_request_error", kind)
+        return dialect_json(code, e.description or e.name, "invalid_request_error", kind,
+                            anthropic_dialect(request.path))
 
     def internal_error(self, request: Any, failure: Failure) -> Deferred[None] | bytes:
         log.failure("unhandled error on {path}", failure, path=request.uri)
@@ -211,4 +229,5 @@ class GatewayApp:
             return closed.addErrback(lambda _: None)
         request.setResponseCode(500)
         request.setHeader(b"Content-Type", b"application/json")
-        return error_json("Internal gateway error", "server_error", "internal_error")
+        return dialect_json(500, "Internal gateway error", "server_error", "internal_error",
+                            anthropic_dialect(request.path))

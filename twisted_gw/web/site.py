@@ -30,7 +30,8 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
-from twisted_gw.apis.errors import error_json
+from twisted_gw.apis.errors import dialect_json, error_json
+from twisted_gw.apis.kinds import anthropic_dialect
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 DEFAULT_HEADER_TIMEOUT = 60.0
@@ -50,13 +51,14 @@ _REASONS = {400: b"Bad Request", 401: b"Unauthorized", 408: b"Request Timeout", 
             431: b"Request Header Fields Too Large"}
 
 
-def refusal(status: int, message: str, code: str, headers: Optional[dict[bytes, bytes]] = None) -> bytes:
+def refusal(status: int, message: str, code: str, headers: Optional[dict[bytes, bytes]] = None,
+            anthropic: bool = False) -> bytes:
     """
     A whole response refusing a request before any request object could
-    answer it (unreadable, or too large): an OpenAI-shaped body, and
-    C{Connection: close}, as the connection is closed after it.
+    answer it (unreadable, or too large): an OpenAI-shaped body (Anthropic's
+    when C{anthropic}), and C{Connection: close}, as the connection is closed after it.
     """
-    body = error_json(message, "invalid_request_error", code)
+    body = dialect_json(status, message, "invalid_request_error", code, anthropic)
     extra = b"".join(name + b": " + value + b"\r\n" for name, value in (headers or {}).items())
     return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n%s"
             % (status, _REASONS[status], len(body), extra, body))
@@ -176,7 +178,8 @@ class GatewayChannel(http.HTTPChannel):
         """Answer a request that cannot be read with an error, then close the connection."""
         self._head_done()
         assert self.transport is not None
-        self.transport.write(refusal(status, message, code, headers))
+        anthropic = anthropic_dialect(self.target.partition(b"?")[0])
+        self.transport.write(refusal(status, message, code, headers, anthropic))
         self.loseConnection()
 
 
