@@ -126,6 +126,31 @@ class MessagesTests(APITestCase):
         self.assertIn("text", kinds)
 
 
+class QueuedResponsesTests(APITestCase):
+    async def test_a_queued_responses_stream_through_the_sdk(self) -> None:
+        await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1, keepalive_interval=0.05)
+        first = await self.chat(stream=True, key=BOB)
+        client = self.openai()
+
+        def run() -> tuple[list[str], str]:
+            kinds: list[str] = []
+            text = ""
+            for event in client.responses.create(model="fake-llama", input="say hello", stream=True):
+                kinds.append(event.type)
+                if event.type == "response.output_text.delta":
+                    text += event.delta
+            return kinds, text
+
+        queued = deferToThread(run)
+        await until(lambda: self.gw.gateway.admission.waiting == 1)
+        await settle(0.2)  # (a keepalive or two)
+        self.fake.release(2 * len(self.fake.reply))
+        await first.text()
+        kinds, text = await queued
+        self.assertEqual((kinds[0], kinds[-1], text), ("response.created", "response.completed",
+                                                       "Hello, this is a fake llama."))
+
+
 class AnthropicErrorTests(APITestCase):
     """The gateway's own errors on /v1/messages, as the anthropic SDK reads them (e.body)."""
 
@@ -181,6 +206,37 @@ class AnthropicErrorTests(APITestCase):
             event, data = body.rstrip(b"\n").split(b"\n")[-2:]
             self.assertEqual(event, b"event: error")
             self.assertEqual(json.loads(data.removeprefix(b"data: "))["error"]["type"], "overloaded_error")
+
+    async def test_a_stream_that_began_ends_with_an_error_event(self) -> None:
+        """A queued Messages stream whose wait times out: Anthropic's event: error, which its SDK raises."""
+        await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1, queue_timeout=0.3)
+        busy = await self.chat(stream=True, key=BOB)
+        reply = await self.call("POST", "/v1/messages", json.dumps(
+            {"model": "m", "max_tokens": 8, "messages": MESSAGES, "stream": True}).encode())
+        self.assertEqual(reply.code, 200)
+        body = await reply.text()
+        self.assertTrue(body.startswith(b": queue position=1\n\n"), body)
+        self.assertTrue(body.endswith(b"\n\n"))
+        event, data = body.rstrip(b"\n").split(b"\n")[-2:]
+        self.assertEqual(event, b"event: error")
+        self.assertEqual(json.loads(data.removeprefix(b"data: ")), {"type": "error", "error": {
+            "type": "overloaded_error", "message": "Timed out waiting in the queue."}})
+
+        def run() -> None:
+            with self.anthropic().messages.stream(model="m", max_tokens=8, messages=MESSAGES) as stream:
+                for _ in stream:
+                    pass
+
+        with self.assertRaises(anthropic.APIStatusError) as raised:
+            await deferToThread(run)
+        self.assertEqual(raised.exception.body["error"]["type"], "overloaded_error")
+        # on other paths the error event keeps OpenAI's shape
+        reply = await self.call("POST", "/v1/responses", json.dumps({"model": "m", "input": "hi",
+                                                                     "stream": True}).encode())
+        last = (await reply.text()).rstrip(b"\n").split(b"\n")[-1]
+        self.assertEqual(json.loads(last.removeprefix(b"data: "))["error"]["code"], "queue_timeout")
+        self.fake.release(len(self.fake.reply))
+        await busy.text()
 
     async def test_bad_json_and_a_large_body(self) -> None:
         await self.start(max_body=1000)
