@@ -40,11 +40,13 @@ setup(
             "hypothesis>=6.100",
             "openai>=1.66",
             "anthropic>=0.40",
+            "psycopg[binary]>=3.1",
             "httpx>=0.27",
             "trustme>=1.1",
             "pyyaml>=6.0",
             "selenium>=4.10",
         ],
+        "postgres": ["psycopg[binary]>=3.1"],  # --usage-db postgresql://...
         "dev": [
             "ruff>=0.6",
             "mypy>=1.10",

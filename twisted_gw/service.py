@@ -17,9 +17,10 @@ from twisted.python.failure import Failure
 from twisted_gw import startup
 from twisted_gw.admission import DOWN, LOADING, OK, Admission, Availability, Route, Router, UserSettings
 from twisted_gw.admission.quota import Quotas
-from twisted_gw.books.accounting import Accounting
+from twisted_gw.books.accounting import Accounting, UserTotals
 from twisted_gw.books.ledger import Ledger, ledger_enabled, load_totals
 from twisted_gw.books.metrics import me_document, snapshot
+from twisted_gw.books.postgres import PostgresLedger, is_postgres
 from twisted_gw.books.prometheus import PrometheusMetrics
 from twisted_gw.config import Config
 from twisted_gw.proxy import Proxy
@@ -82,7 +83,14 @@ class Gateway(Service):
         )
         self.prometheus = PrometheusMetrics(self.admission)
         self.proxy.sinks.extend([self.accounting.record, self.prometheus.observe])
-        self.ledger = Ledger(config.usage_db, clock) if ledger_enabled(config.usage_db) else None
+        self.ledger: Optional[Ledger | PostgresLedger] = None
+        if is_postgres(config.usage_db):
+            self.ledger = PostgresLedger(config.usage_db, clock)
+            self.ledger.on_totals = self._shared_totals
+            self.prometheus.watch_ledger(self.ledger)
+        elif ledger_enabled(config.usage_db):
+            self.ledger = Ledger(config.usage_db, clock)
+        self._quotas_restored = False
         if self.ledger is not None:
             self.proxy.sinks.append(self.ledger.append)
         self.app = GatewayApp(
@@ -201,7 +209,9 @@ class Gateway(Service):
             )
         self.users.load_now()
         self.users.start()
-        if self.ledger is not None:
+        if isinstance(self.ledger, PostgresLedger):
+            self.ledger.start()  # (its totals come when its database answers: _shared_totals)
+        elif self.ledger is not None:
             self.accounting.restore(self.ledger.start())
             today = load_totals(self.ledger.path, self.quotas.day_start())
             self.accounting.restore_today(today)
@@ -212,6 +222,14 @@ class Gateway(Service):
                 loop.clock = self.reactor
                 loop.start(self.config.upstream_check_interval, now=True)  # (a check at once, at startup)
                 self._health.append(loop)
+
+    def _shared_totals(self, users: dict[str, UserTotals], today: dict[str, UserTotals]) -> None:
+        """The shared ledger's totals (every replica's rows, and this one's still unwritten): the books' base."""
+        # (records not kept yet are not in them: the books add them when they keep them)
+        self.accounting.rebase(users, today)
+        if not self._quotas_restored:  # (today's quotas, once at startup; this replica counts its own after)
+            self._quotas_restored = True
+            self.quotas.restore_today({user: t.prompt_tokens + t.completion_tokens for user, t in today.items()})
 
     def settings_for(self, user: str) -> UserSettings:
         """

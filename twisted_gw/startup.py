@@ -61,4 +61,7 @@ def upstream(config: Config, url: str, slots: int | None) -> str:
 
 
 def ledger(path: str) -> str:
-    return f"usage ledger: {os.path.abspath(path)}" if path else "usage ledger: none (--usage-db)"
+    """C{path}: a file, a PostgreSQL URL (its password already redacted), or empty for none."""
+    if not path:
+        return "usage ledger: none (--usage-db)"
+    return f"usage ledger: {path if '://' in path else os.path.abspath(path)}"

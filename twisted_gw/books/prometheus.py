@@ -9,6 +9,7 @@ in-memory tests and buys nothing for a page this small).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -47,6 +48,21 @@ class _QueueCollector(Collector):
         yield from (healthy, active, places, failovers)
 
 
+class _LedgerCollector(Collector):
+    """The ledger's state: rows waiting to be written (while its database is away), and whether it is reachable."""
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily("llmgw_ledger_up", "1 when the usage ledger's last write reached it",
+                                value=1 if self.ledger.up else 0)
+        yield GaugeMetricFamily("llmgw_ledger_pending_rows", "Finished requests not yet written to the ledger",
+                                value=self.ledger.pending)
+        yield CounterMetricFamily("llmgw_ledger_dropped_rows", "Rows dropped while the ledger was unreachable "
+                                  "for longer than its memory bound", value=self.ledger.dropped)
+
+
 class PrometheusMetrics:
     """Counters, histograms and gauges of the gateway."""
 
@@ -67,6 +83,10 @@ class PrometheusMetrics:
         self.tokens_per_second = Histogram("llmgw_generation_tokens_per_second", "Generation speed seen by clients",
                                            buckets=TPS_BUCKETS, registry=registry)
         registry.register(_QueueCollector(admission))
+
+    def watch_ledger(self, ledger: Any) -> None:
+        """Export a shared ledger's state (C{up}, C{pending}, C{dropped})."""
+        self.registry.register(_LedgerCollector(ledger))
 
     def observe(self, rec: RequestRecord) -> None:
         self.requests.labels(rec.user).inc()

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from twisted_gw.books.ledger import API_OF_ENDPOINT, ledger_enabled
+from twisted_gw.books.postgres import is_postgres, redacted
 from twisted_gw.config import USAGE_DB_DEFAULT
 
 GROUPS = {
@@ -45,34 +46,51 @@ def _epoch(text: str) -> float:
     return datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.timezone.utc).timestamp()
 
 
+# The day of a row on PostgreSQL (SQLite's is in GROUPS).
+POSTGRES_DAY = "to_char(to_timestamp(finished_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+
+
 def report(db_path: str, by: str, since: Optional[float] = None, until: Optional[float] = None) -> list[dict[str, Any]]:
-    """Rows of totals grouped C{by} user, day (UTC) or model."""
-    key = GROUPS[by]
+    """Rows of totals grouped C{by} user, day (UTC), model or API, from a SQLite file or a PostgreSQL URL."""
+    postgres = is_postgres(db_path)
+    key = POSTGRES_DAY if postgres and by == "day" else '"user"' if by == "user" else GROUPS[by]
+    mark = "%s" if postgres else "?"
     where, args = [], []
     if since is not None:
-        where.append("finished_at >= ?")
+        where.append(f"finished_at >= {mark}")
         args.append(since)
     if until is not None:
-        where.append("finished_at < ?")
+        where.append(f"finished_at < {mark}")
         args.append(until)
     sql = (
         f"SELECT {key} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cancelled), "
-        f"SUM(usage_source = 'estimate') FROM requests "
+        f"SUM(CASE WHEN usage_source = 'estimate' THEN 1 ELSE 0 END) FROM requests "
         f"{'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY k ORDER BY k"
     )
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        if by == "api" and "api" not in {c[1] for c in db.execute("PRAGMA table_info(requests)")}:
-            # a ledger no gateway of this version has opened yet (it would have added the column)
-            sql = sql.replace("SELECT api AS k", f"SELECT {API_OF_ENDPOINT} AS k")
-        rows = db.execute(sql, args).fetchall()
-    finally:
-        db.close()
+    if postgres:
+        rows = _postgres_rows(db_path, sql, args)
+    else:
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        try:
+            if by == "api" and "api" not in {c[1] for c in db.execute("PRAGMA table_info(requests)")}:
+                # a ledger no gateway of this version has opened yet (it would have added the column)
+                sql = sql.replace("SELECT api AS k", f"SELECT {API_OF_ENDPOINT} AS k")
+            rows = db.execute(sql, args).fetchall()
+        finally:
+            db.close()
     return [
-        {by: k, "requests": n, "prompt_tokens": p or 0, "completion_tokens": c or 0,
-         "total_tokens": (p or 0) + (c or 0), "cancelled": x or 0, "estimated": e or 0}
+        {by: k, "requests": n, "prompt_tokens": int(p or 0), "completion_tokens": int(c or 0),
+         "total_tokens": int((p or 0) + (c or 0)), "cancelled": int(x or 0), "estimated": int(e or 0)}
         for k, n, p, c, x, e in rows
     ]
+
+
+def _postgres_rows(url: str, sql: str, args: list[float]) -> list[tuple[Any, ...]]:
+    import psycopg  # (only with a PostgreSQL ledger: pip install 'llmgw[postgres]')
+
+    with psycopg.connect(url, connect_timeout=10) as db:
+        db.read_only = True
+        return db.execute(sql, args).fetchall()
 
 
 def render_table(rows: list[dict[str, Any]], by: str) -> str:
@@ -127,10 +145,35 @@ def default_db(environ: Mapping[str, str]) -> str:
     return environ.get("USAGE_DB") or USAGE_DB_DEFAULT
 
 
+def _print(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    elif args.csv:
+        sys.stdout.write(render_csv(rows, args.by))
+    else:
+        sys.stdout.write(render_table(rows, args.by))
+
+
+def _main_postgres(args: argparse.Namespace, url: str) -> int:
+    if args.backup:
+        print(f"{PROG}: --backup is for a SQLite ledger; back PostgreSQL up with pg_dump", file=sys.stderr)
+        return 1
+    try:
+        rows = report(url, args.by, args.since, args.until)
+    except ImportError:
+        print(f"{PROG}: a PostgreSQL ledger needs psycopg: pip install 'llmgw[postgres]'", file=sys.stderr)
+        return 1
+    except Exception as e:  # (psycopg's errors: unreachable, no such table, refused credentials)
+        print(f"{PROG}: cannot read the ledger {redacted(url)}: {str(e).strip()}", file=sys.stderr)
+        return 1
+    _print(rows, args)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Usage report from the gateway's ledger.")
-    parser.add_argument("--db", help=f"the ledger: the gateway's --usage-db [env: USAGE_DB] "
-                                     f"[default: {USAGE_DB_DEFAULT}, in the gateway's folder]")
+    parser.add_argument("--db", help=f"the ledger, a file or a postgresql:// URL: the gateway's --usage-db "
+                                     f"[env: USAGE_DB] [default: {USAGE_DB_DEFAULT}, in the gateway's folder]")
     parser.add_argument("--since", type=_epoch, help="from this day (UTC, YYYY-MM-DD), inclusive")
     parser.add_argument("--until", type=_epoch, help="to this day (UTC, YYYY-MM-DD), exclusive")
     parser.add_argument("--by", choices=sorted(GROUPS), default="user")
@@ -141,6 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                           "backup: safe while the gateway writes)")
     args = parser.parse_args(argv)
     db = args.db or default_db(os.environ)
+    if is_postgres(db):
+        return _main_postgres(args, db)
     if not ledger_enabled(db):
         print(f"{PROG}: the gateway keeps no ledger (USAGE_DB={db!r}); give --db", file=sys.stderr)
         return 1
@@ -163,10 +208,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except sqlite3.Error as e:
         print(f"{PROG}: cannot read the ledger {os.path.abspath(db)}: {e}", file=sys.stderr)
         return 1
-    if args.json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-    elif args.csv:
-        sys.stdout.write(render_csv(rows, args.by))
-    else:
-        sys.stdout.write(render_table(rows, args.by))
+    _print(rows, args)
     return 0
