@@ -93,6 +93,8 @@ else
     echo "LISTEN=tcp:8000"
     echo "LAN_PORT=8000"
     echo "LAN_TLS_PORT=8443"
+    echo "USAGE_DB=/data/llmgw-usage.sqlite3"
+    echo "POSTGRES_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
     echo "TUNNEL_TOKEN=$tunnel_token"
     if [ -n "$tunnel_token" ]; then echo "COMPOSE_PROFILES=tunnel"; else echo "COMPOSE_PROFILES="; fi
   } > "$env_file.tmp"

@@ -54,6 +54,10 @@ class ComposeTests(SynchronousTestCase):
         self.assertRegex(tag, r"^\d{4}\.\d+\.\d+$")  # pinned, not "latest"
         self.assertEqual(tunnel["environment"]["TUNNEL_TOKEN"], "${TUNNEL_TOKEN}")
         self.assertTrue(any(str(p).endswith(":8000") for p in gateway["ports"]))
+        postgres = self.compose["services"]["postgres"]
+        self.assertEqual(postgres["profiles"], ["cluster"])  # the shared ledger, only when asked for
+        self.assertRegex(postgres["image"], r"^postgres:\d+\.\d+$")
+        self.assertEqual(gateway["environment"]["USAGE_DB"], "${USAGE_DB:-/data/llmgw-usage.sqlite3}")
 
 
 class DockerfileTests(SynchronousTestCase):
