@@ -134,7 +134,10 @@ class DashboardTests(GatewayTestCase):
             expected = [today["requests"], today["prompt_tokens"], today["completion_tokens"], figures["requests"],
                         figures["prompt_tokens"], figures["completion_tokens"], figures["cancelled"]]
             self.assertEqual(shown["users"][name], [f"{n:,}" for n in expected], name)
-        self.assertEqual(shown["upstreams"], f"{self.fake.url}: unknown, 1/1 busy")
+        rate = metrics["upstreams"][0]["cache_hit_rate"]
+        self.assertIsNotNone(rate)  # (the fake reports timings.cache_n)
+        self.assertEqual(shown["upstreams"], f"{self.fake.url}: unknown, 1/1 busy, cache hits "
+                                             f"{100 * rate:.0f}% of prompt tokens")
         self.assertEqual(len(shown["streams"]), 1)
         self.assertTrue(shown["streams"][0].startswith("alice /v1/chat/completions"), shown["streams"])
         self.assertTrue(any("cancelled" in p for p in shown["problems"]), shown["problems"])

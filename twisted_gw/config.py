@@ -143,6 +143,25 @@ def _assemble_mode(text: str) -> str:
     return text
 
 
+def _routing_mode(text: str) -> str:
+    if text not in ("cache-aware", "least-busy"):
+        raise ConfigError(f"routing must be 'cache-aware' or 'least-busy', not {text!r}")
+    return text
+
+
+def _fraction(name: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number from 0 to 1, not {text!r}") from None
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{name} must be from 0 to 1, not {text!r}")
+        return value
+
+    return parse
+
+
 def listen_list(text: str) -> tuple[str, ...]:
     """The endpoint descriptions of C{LISTEN}: space or comma separated."""
     items = tuple(item for item in text.replace(",", " ").split() if item)
@@ -254,6 +273,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("users-poll-interval", "USERS_POLL_INTERVAL", "2",
             "Seconds between checks of the users file for changes.",
             _seconds("users-poll-interval"), "users_poll_interval"),
+    Setting("routing", "ROUTING", "cache-aware",
+            "With several upstreams: 'cache-aware' sends a generation to the upstream that was sent the longest "
+            "prefix of its prompt (its cache holds it), unless that one is out of balance; 'least-busy': the most "
+            "free places, ties in turn.",
+            _routing_mode, "routing"),
+    Setting("routing-cache-mb", "ROUTING_CACHE_MB", "64",
+            "Memory for the index of prompts sent to each upstream (cache-aware routing); the least recently "
+            "used are forgotten.",
+            _positive_int("routing-cache-mb"), "routing_cache_mb"),
+    Setting("routing-min-match", "ROUTING_MIN_MATCH", "0.3",
+            "The share of a prompt an upstream must hold for the cache to decide (below it: least-busy).",
+            _fraction("routing-min-match"), "routing_min_match"),
+    Setting("routing-balance-gap", "ROUTING_BALANCE_GAP", "0.5",
+            "The best match is out of balance, and least-busy decides, when its share of busy places exceeds the "
+            "least busy upstream's by more than this (or it has no free place while another has).",
+            _fraction("routing-balance-gap"), "routing_balance_gap"),
 )
 
 
@@ -293,6 +328,10 @@ class Config:
     user_max_queued: Optional[int] = None
     user_tokens_per_minute: Optional[int] = None
     user_tokens_per_day: Optional[int] = None
+    routing: str = "cache-aware"
+    routing_cache_mb: int = 64
+    routing_min_match: float = 0.3
+    routing_balance_gap: float = 0.5
 
 
 LISTEN_ENV = "LISTEN"

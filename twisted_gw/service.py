@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from twisted_gw import startup
 from twisted_gw.admission import DOWN, LOADING, OK, Admission, Availability, Route, Router, UserSettings
+from twisted_gw.admission.prefix import PrefixIndex
 from twisted_gw.admission.quota import Quotas
 from twisted_gw.books.accounting import Accounting, UserTotals
 from twisted_gw.books.ledger import Ledger, ledger_enabled, load_totals
@@ -68,6 +69,10 @@ class Gateway(Service):
             Route(upstream.base_url, slots=slots or config.max_concurrent): upstream for upstream, slots in upstreams
         }
         self.router = Router(list(self.upstreams))
+        if config.routing == "cache-aware" and len(self.upstreams) > 1:
+            self.router.index = PrefixIndex(config.routing_cache_mb * 1024 * 1024)
+            self.router.min_match = config.routing_min_match
+            self.router.balance_gap = config.routing_balance_gap
         self.admission = Admission(self.router, clock, config.max_queue, config.queue_timeout,
                                    config.queue_update_interval)
         self.availability = Availability(clock, self.router, config.upstream_down_grace,
@@ -138,6 +143,8 @@ class Gateway(Service):
             self.upstreams[route].keep_connections(route.places)
             if route.state != was:
                 self._log_health(route, health)
+                if route.state == OK and was in (DOWN, LOADING):  # (back from a restart: its cache is empty)
+                    self.router.restarted(route)
             self.availability.update()
             self.admission.changed()
 

@@ -92,6 +92,15 @@ def _pieces(text: str, add_special: bool) -> list[tuple[int, str]]:
     return special + [(1000 + zlib.crc32(word.encode()) % 100_000, word) for word in _MARKER.sub(" ", text).split()]
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _tokenize(text: str, add_special: bool = True) -> list[int]:
     return [token for token, _ in _pieces(text, add_special)]
 
@@ -218,6 +227,8 @@ class FakeLlama:
     chunk_delay: float = 0.0
     header_delay: float = 0.0
     cache_n: int = 0
+    prefix_cache: bool = False  # report as cached the longest prefix of an earlier prompt (cache_n then unused)
+    prompts_seen: list[list[int]] = attrs.Factory(list)
     loading: bool = False
     manual: bool = False
     die_after: Optional[int] = None
@@ -516,8 +527,13 @@ class _Generation:
         self.tokens = fake.reply[:max_tokens] if isinstance(max_tokens, int) else fake.reply
         self.truncated = len(self.tokens) < len(fake.reply)  # stopped by the length limit
         self.openai = fake.flavour == "openai"
-        self.prompt = len(_tokenize(shape.prompt(doc)))
+        tokens = _tokenize(shape.prompt(doc))
+        self.prompt = len(tokens)
         self.cache_n = min(fake.cache_n, self.prompt - 1)
+        if fake.prefix_cache:  # (as llama.cpp's slots: the longest prefix of a prompt it was sent before)
+            seen = max((_common_prefix(tokens, earlier) for earlier in fake.prompts_seen), default=0)
+            self.cache_n = min(seen, self.prompt - 1)
+            fake.prompts_seen.append(tokens)
         self.number = len(fake.requests)
         self.created = int(time.time())
         self.index = 0

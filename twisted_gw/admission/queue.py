@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from twisted_gw.admission.fairness import Entry, FairScheduler
-from twisted_gw.admission.routing import Route, Router
+from twisted_gw.admission.routing import Decision, Route, Router
 
 PositionCallback = Callable[[int], None]
 
@@ -82,6 +82,7 @@ class _Waiter:
     model: Optional[str] = None
     exclude: frozenset[Route] = frozenset()
     deadline: float = 0.0
+    prompt: tuple[int, ...] = ()  # its prompt's block hashes, for cache-aware routing
     position: int = 0
     deferred: Deferred[Ticket] = attrs.field(init=False)
 
@@ -146,12 +147,12 @@ class Admission:
         cap = self._caps.get(user)
         return cap is None or self._running.get(user, 0) < cap
 
-    def _route_for(self, entry: Entry) -> Optional[Route]:
+    def _route_for(self, entry: Entry) -> Optional[Decision]:
         """Where C{entry} would run now, if it may: a free place for its model, its user under its cap."""
         if not self._can_run(entry.user):
             return None
         waiter = self._waiters[entry]
-        return self.router.best(waiter.model, waiter.exclude)
+        return self.router.decide(waiter.model, waiter.exclude, waiter.prompt)
 
     def acquire(
         self,
@@ -164,6 +165,7 @@ class Admission:
         model: Optional[str] = None,
         exclude: frozenset[Route] = frozenset(),
         first: bool = False,
+        prompt: tuple[int, ...] = (),
     ) -> Deferred[Ticket]:
         """
         Wait for a place on an upstream that serves C{model}, other than
@@ -178,7 +180,7 @@ class Admission:
         if self.no_upstream:
             return fail(NoUpstream())
         self._caps[user] = max_concurrent
-        route = self.router.choose(model, exclude) if self._can_run(user) else None
+        route = self.router.choose(model, exclude, prompt) if self._can_run(user) else None
         if route is not None:
             if not first:
                 self._scheduler.admit_now(user, weight)
@@ -189,7 +191,8 @@ class Admission:
             if max_queued is not None and self._scheduler.waiting_of(user) >= max_queued:
                 return fail(QueueFull(per_user=True))
         entry = self._scheduler.enqueue_first(user) if first else self._scheduler.enqueue(user, weight)
-        waiter = _Waiter(self, entry, on_position, model, exclude, self.clock.seconds() + self.queue_timeout)
+        waiter = _Waiter(self, entry, on_position, model, exclude, self.clock.seconds() + self.queue_timeout,
+                         prompt=prompt)
         d: Deferred[Ticket] = Deferred(waiter)
         waiter.deferred = d
         self._waiters[entry] = waiter
@@ -277,23 +280,23 @@ class Admission:
         self._tell_positions()
 
     def _dispatch(self) -> None:
-        chosen: list[Route] = []  # where the entry that pop_next finds runs
+        chosen: list[Decision] = []  # where the entry that pop_next finds runs
 
         def can_run(entry: Entry) -> bool:
-            route = self._route_for(entry)
-            if route is not None:
-                chosen.append(route)
-            return route is not None
+            decision = self._route_for(entry)
+            if decision is not None:
+                chosen.append(decision)
+            return decision is not None
 
         while self.router.free > 0:
             entry = self._scheduler.pop_next(can_run)
             if entry is None:
                 return
-            route = chosen.pop()
-            self.router.take_turn(route)
+            decision = chosen.pop()
             waiter = self._waiters.pop(entry)
+            self.router.record(decision, waiter.prompt)
             self._gone(waiter)
-            waiter.deferred.callback(self._grant(entry.user, route, waited=True))
+            waiter.deferred.callback(self._grant(entry.user, decision.route, waited=True))
 
     def _tell_positions(self) -> None:
         """A pass over the positions now, or, within C{position_interval} of the last one, when that has passed."""

@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import attrs
 
+from twisted_gw.admission.prefix import PrefixIndex
+
 # What a route's health check last saw.
 UNKNOWN, OK, LOADING, DOWN = "unknown", "ok", "loading", "down"
 
@@ -31,6 +33,8 @@ class Route:
     models: frozenset[str] = frozenset()  # empty: not known
     active: int = 0
     failovers: int = 0  # requests it could not take that went to another upstream
+    prompt_tokens: int = 0  # of the generations it answered with timings or usage...
+    cached_tokens: int = 0  # ...and how many of those it had in its cache (llama.cpp's timings.cache_n)
 
     @property
     def places(self) -> int:
@@ -73,15 +77,49 @@ class Route:
             "places_from": "configured" if self.slots else "props" if self.discovered else "default",
             "models": sorted(self.models),
             "failovers": self.failovers,
+            "cache_hit_rate": round(self.cached_tokens / self.prompt_tokens, 4) if self.prompt_tokens else None,
         }
+
+    @property
+    def load(self) -> float:
+        return self.active / self.places
+
+
+# Why a generation went where it went (llmgw_routing_decisions_total's reasons).
+CACHE, BALANCE, LEAST_BUSY = "cache", "balance", "least_busy"
+SHARE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+@attrs.define
+class Decision:
+    route: Route
+    reason: str
+    share: float  # of the prompt the chosen upstream was found to hold
 
 
 @attrs.define
 class Router:
-    """The upstreams and the choice between them."""
+    """
+    The upstreams and the choice between them.  With an C{index}
+    (cache-aware routing), a generation whose prompt one upstream holds a
+    prefix of (at least C{min_match} of its blocks) goes there, unless that
+    upstream is out of balance: no free place while another has one, or its
+    share of busy places more than C{balance_gap} above the least busy one's.
+    Otherwise (and with no index) the most free places win, ties in turn.
+    """
 
     routes: Sequence[Route]
     _turn: int = 0  # where the round-robin goes on
+    index: Optional[PrefixIndex] = None
+    min_match: float = 0.3
+    balance_gap: float = 0.5
+    decisions: dict[tuple[str, str], int] = attrs.Factory(dict)  # (upstream, reason) -> generations
+    shares: list[int] = attrs.Factory(lambda: [0] * len(SHARE_BUCKETS))  # cumulative counts per bucket
+    shares_sum: float = 0.0
+
+    @property
+    def cache_aware(self) -> bool:
+        return self.index is not None and len(self.routes) > 1
 
     @classmethod
     def single(cls, places: int) -> Router:
@@ -118,9 +156,63 @@ class Router:
             return only if only.free > 0 else None
         return self._rotate([r for r in self.candidates(model, exclude) if r.free > 0], lambda r: -r.free)
 
-    def choose(self, model: Optional[str] = None, exclude: Iterable[Route] = ()) -> Optional[Route]:
-        """L{best}, and the turn moves past it."""
-        return self.take_turn(self.best(model, exclude))
+    def decide(self, model: Optional[str] = None, exclude: Iterable[Route] = (),
+               prompt: Sequence[int] = ()) -> Optional[Decision]:
+        """Where a generation (of C{prompt}'s block hashes) would go now, and why; None when no place is free."""
+        least = self.best(model, exclude)
+        if least is None:
+            return None
+        if self.index is None or not prompt or len(self.routes) == 1:
+            return Decision(least, LEAST_BUSY, 0.0)
+        candidates = self.candidates(model, exclude)
+        scored = [(self.index.match(r, prompt), r) for r in candidates]
+        top = max(n for n, _ in scored)
+        share = top / len(prompt)
+        if top == 0 or share < self.min_match:
+            return Decision(least, LEAST_BUSY, share)
+        holders = [r for n, r in scored if n == top]
+        pick = self._rotate(holders, lambda r: -r.free)
+        assert pick is not None
+        if pick.free == 0 or pick.load - min(r.load for r in candidates) > self.balance_gap:
+            return Decision(least, BALANCE, share)
+        return Decision(pick, CACHE, share)
+
+    def record(self, decision: Decision, prompt: Sequence[int] = ()) -> None:
+        """C{decision} was taken: counted, the turn moves past its upstream, which now holds C{prompt}."""
+        route = decision.route
+        key = (route.name, decision.reason)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        if self.index is not None and prompt:
+            for i, bound in enumerate(SHARE_BUCKETS):
+                if decision.share <= bound:
+                    self.shares[i] += 1
+            self.shares_sum += decision.share
+            self.index.insert(route, prompt)
+        self.take_turn(route)
+
+    def choose(self, model: Optional[str] = None, exclude: Iterable[Route] = (),
+               prompt: Sequence[int] = ()) -> Optional[Route]:
+        """L{decide}, and the decision taken."""
+        decision = self.decide(model, exclude, prompt)
+        if decision is None:
+            return None
+        self.record(decision, prompt)
+        return decision.route
+
+    def restarted(self, route: Route) -> None:
+        """C{route}'s server came back (its cache is empty): forget what it was sent."""
+        if self.index is not None:
+            self.index.forget(route)
+
+    def routing_document(self) -> dict[str, Any]:
+        """The C{routing} section of C{/metrics}: decisions by reason, and by upstream and reason."""
+        by_reason = {reason: 0 for reason in (CACHE, BALANCE, LEAST_BUSY)}
+        by_upstream: dict[str, dict[str, int]] = {}
+        for (name, reason), n in sorted(self.decisions.items()):
+            by_reason[reason] += n
+            by_upstream.setdefault(name, {})[reason] = n
+        return {"mode": "cache-aware" if self.index is not None else "least-busy", "decisions": by_reason,
+                "by_upstream": by_upstream}
 
     def take_turn(self, route: Optional[Route]) -> Optional[Route]:
         """C{route} was chosen: the round-robin goes on after it."""

@@ -8,6 +8,7 @@ upstreams that cannot count.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Optional
 
@@ -89,3 +90,18 @@ def estimate_tokens(doc: dict[str, Any], api: str) -> int:
     else:
         chars = sum(len(t) for t in plain_texts(doc, api) or [])
     return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def routing_text(doc: dict[str, Any], api: str) -> Optional[str]:
+    """
+    The text a generation's prompt begins with as an upstream sees it, for
+    cache-aware routing: the tools, then the messages in order (system first),
+    or the plain prompt; None for a request without one.
+    """
+    messages = chat_messages(doc, api)
+    if messages is not None:
+        tools = doc.get("tools")
+        head = json.dumps(tools, sort_keys=True) + "\n" if tools else ""
+        return head + "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+    texts = plain_texts(doc, api) if api == "completions" else None
+    return texts[0] if texts else None

@@ -54,6 +54,17 @@ def from_usage(usage: dict[str, Any]) -> Optional[Usage]:
     return None
 
 
+def cached_tokens(usage: dict[str, Any]) -> Optional[int]:
+    """The cached prompt tokens a C{usage} tells, in any API's shape, or None."""
+    if "cache_read_input_tokens" in usage:
+        return _int(usage["cache_read_input_tokens"])
+    for details in ("input_tokens_details", "prompt_tokens_details"):
+        found = usage.get(details)
+        if isinstance(found, dict) and "cached_tokens" in found:
+            return _int(found["cached_tokens"])
+    return None
+
+
 def from_timings(timings: dict[str, Any]) -> Optional[Usage]:
     """llama.cpp's C{timings}: prompt tokens are C{prompt_n + cache_n} (the cached prefix counts too)."""
     if "prompt_n" in timings or "predicted_n" in timings:
@@ -99,13 +110,14 @@ class UsageTracker:
     merged, the latest value of each kept.
     """
 
-    __slots__ = ("_fields", "_from_timings", "_from_usage", "_text", "_text_key", "content_chunks")
+    __slots__ = ("_fields", "_from_timings", "_from_usage", "_text", "_text_key", "cached", "content_chunks")
 
     def __init__(self, api: str = "chat") -> None:
         self._from_usage: Optional[Usage] = None
         self._from_timings: Optional[Usage] = None
         self._fields: dict[str, Any] = {}
         self.content_chunks = 0
+        self.cached: Optional[int] = None  # prompt tokens the upstream had in its cache, when it says
         self._text_key: tuple[bytes, ...]
         if api == "responses":
             self._text, self._text_key = _DELTA, (b'"delta"',)
@@ -128,6 +140,12 @@ class UsageTracker:
                 found = from_timings(timings)
                 if found is not None:
                     self._from_timings = found
+                if "cache_n" in timings:
+                    self.cached = _int(timings["cache_n"])
+            if isinstance(usage, dict) and self.cached is None:
+                cached = cached_tokens(usage)
+                if cached is not None:
+                    self.cached = cached
 
     def see_event(self, data: bytes) -> None:
         """An event as relayed: counted, and parsed only if it can carry numbers."""

@@ -28,6 +28,7 @@ def snapshot(
         reachable = True if OK in states else None if states == {UNKNOWN} else False
         doc["upstream"] = {"reachable": reachable, "slots": router.places}
         doc["upstreams"] = [r.describe() for r in router.routes]
+        doc["routing"] = router.routing_document()
     return doc
 
 

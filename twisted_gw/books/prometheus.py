@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from twisted_gw.admission import Admission
+from twisted_gw.admission.routing import SHARE_BUCKETS
 from twisted_gw.books.record import RequestRecord
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -28,7 +29,7 @@ class _QueueCollector(Collector):
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         yield GaugeMetricFamily("llmgw_queue_waiting", "Requests waiting for a place", value=self.admission.waiting)
         yield GaugeMetricFamily("llmgw_queue_active", "Requests holding a place", value=self.admission.active)
         yield GaugeMetricFamily("llmgw_queue_limit", "Places of the healthy upstreams, in all",
@@ -40,12 +41,26 @@ class _QueueCollector(Collector):
         places = GaugeMetricFamily("llmgw_upstream_places", "The upstream's places (slots)", labels=["upstream"])
         failovers = CounterMetricFamily("llmgw_upstream_failovers", "Requests the upstream could not take "
                                         "that went to another one", labels=["upstream"])
-        for route in self.admission.router.routes:
+        router = self.admission.router
+        for route in router.routes:
             healthy.add_metric([route.name, route.state], 1 if route.routable else 0)
             active.add_metric([route.name], route.active)
             places.add_metric([route.name], route.places)
             failovers.add_metric([route.name], route.failovers)
         yield from (healthy, active, places, failovers)
+        decisions = CounterMetricFamily("llmgw_routing_decisions", "Generations routed, by upstream and why: "
+                                        "cache (the best prefix match), balance (the match was out of balance, so "
+                                        "least-busy chose) or least_busy (no useful match)",
+                                        labels=["upstream", "reason"])
+        for (name, reason), n in sorted(router.decisions.items()):
+            decisions.add_metric([name, reason], n)
+        yield decisions
+        if router.index is not None:
+            buckets = [(str(bound), count) for bound, count in zip(SHARE_BUCKETS, router.shares, strict=True)]
+            total = router.shares[-1]
+            yield HistogramMetricFamily("llmgw_routing_prefix_share", "The share of a prompt its chosen upstream "
+                                        "was found to hold (cache-aware routing)",
+                                        buckets=[*buckets, ("+Inf", total)], sum_value=router.shares_sum)
 
 
 class _LedgerCollector(Collector):

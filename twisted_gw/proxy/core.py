@@ -169,6 +169,10 @@ class Proxy:
     def _charge(self, ex: Exchange, ended: float) -> None:
         usage = ex.final_usage()
         self.quotas.used(ex.user, usage.prompt_tokens + usage.completion_tokens)
+        cached = ex.tracker.cached
+        if ex.ticket is not None and cached is not None and usage.prompt_tokens and usage.source != "estimate":
+            ex.ticket.route.prompt_tokens += usage.prompt_tokens  # (its cache hit rate, on the dashboard)
+            ex.ticket.route.cached_tokens += min(cached, usage.prompt_tokens)
         self.books.hand_off(ex, ended)
         if ex in self.counting:
             self.counting.discard(ex)

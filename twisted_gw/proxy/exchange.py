@@ -99,6 +99,7 @@ class Exchange:
     current: Optional[Deferred[Any]] = None
     interrupted: Optional[GatewayError] = None
     sent_upstream: bool = False  # an upstream was sent it (and may have read its prompt)
+    prompt_blocks: Optional[tuple[int, ...]] = None  # its prompt's block hashes, once cache-aware routing needed them
     counted_prompt: Optional[tuple[int, str]] = None  # its prompt's tokens and how known, when counted after it ended
 
     @property

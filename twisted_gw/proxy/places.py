@@ -14,14 +14,25 @@ import attrs
 
 from twisted_gw.admission import Admission, NoUpstream, QueueFull, QueueTimeout, Route, ShuttingDown, Ticket
 from twisted_gw.admission.keepalive import Keepalives
+from twisted_gw.admission.prefix import block_hashes
 from twisted_gw.admission.quota import Quotas
 from twisted_gw.apis import sse
+from twisted_gw.apis.checks import parse_object
 from twisted_gw.apis.errors import GatewayError, unavailable
 from twisted_gw.apis.kinds import api_of, takes_a_place
+from twisted_gw.apis.prompts import routing_text
 from twisted_gw.proxy.exchange import Exchange
 
 # Seconds a client is asked to wait when no upstream is up (a restarting llama-server takes about that).
 NO_UPSTREAM_RETRY = 10
+
+
+def prompt_blocks(ex: Exchange) -> tuple[int, ...]:
+    """The block hashes of a generation's prompt, for cache-aware routing (none for a body without one)."""
+    if not ex.info.is_object:
+        return ()
+    text = routing_text(parse_object(ex.request.body), ex.api)
+    return block_hashes(text) if text else ()
 
 
 @attrs.define
@@ -56,10 +67,12 @@ class Places:
         queue refuses it; cancelling the wait takes it out of the queue.
         """
         settings = ex.settings
+        if self.admission.router.cache_aware and ex.prompt_blocks is None:
+            ex.prompt_blocks = prompt_blocks(ex)
         waiting = self.admission.acquire(
             partial(self._queued, ex) if ex.stream else None, user=ex.user, weight=settings.weight,
             max_concurrent=settings.max_concurrent, max_queued=settings.max_queued,
-            model=ex.model, exclude=exclude, first=bool(exclude),
+            model=ex.model, exclude=exclude, first=bool(exclude), prompt=ex.prompt_blocks or (),
         )
         try:
             return await waiting
