@@ -138,6 +138,8 @@ class Gateway(Service):
 
         def checked(health: Health) -> None:
             self._checking.discard(d)
+            if not self.running:  # (a check cancelled by the shutdown reads as down: nothing to act on now)
+                return
             was = route.state
             route.update(health.state, health.slots, health.models, health.read_props)
             self.upstreams[route].keep_connections(route.places)
