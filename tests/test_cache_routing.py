@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from support import ALICE, BOB, GatewayTestCase, reactor
+from support import ALICE, BOB, GatewayTestCase, reactor, until
 
 from twisted_gw.config import UpstreamSpec
 from twisted_gw.testing import FakeLlama
@@ -123,3 +123,22 @@ class CacheRoutingTests(GatewayTestCase):
         self.assertEqual((await self.metrics())["routing"], {
             "mode": "least-busy", "decisions": {"cache": 0, "balance": 0, "least_busy": 4},
             "by_upstream": {f.url: {"least_busy": 2} for f in fakes}})
+
+    async def test_an_upstream_that_restarted_is_forgotten(self) -> None:
+        fakes = await self.servers()
+        await self.start(fake=fakes[0], users=USERS, upstream_check_interval=0.05, upstream_down_grace=30,
+                         upstreams=tuple(UpstreamSpec(f.url) for f in fakes))
+        history: list[dict[str, str]] = []
+        await self.turn("ann", history)
+        await self.turn("ann", history)
+        [holder] = [f for f in fakes if f.generations]
+        self.assertEqual((await self.metrics())["routing"]["decisions"]["cache"], 1)
+        port = await holder.crash()
+        await until(lambda: any(r.state == "down" for r in self.gw.gateway.router.routes))
+        restarted = FakeLlama(reactor, prefix_cache=True)  # (a new process: an empty cache)
+        await restarted.start(port=port)
+        self.addCleanup(restarted.stop)
+        await until(lambda: all(r.state == "ok" for r in self.gw.gateway.router.routes))
+        await self.turn("ann", history)
+        # not sent there for a cache it no longer has: least-busy decided
+        self.assertEqual((await self.metrics())["routing"]["decisions"], {"cache": 1, "balance": 0, "least_busy": 2})
