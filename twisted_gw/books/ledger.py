@@ -122,29 +122,58 @@ def _prepare(connection: Any) -> None:
     connection.execute("PRAGMA synchronous=NORMAL")
 
 
-class Ledger:
-    """Appends finished requests to the SQLite ledger, in batches, off the reactor thread."""
+class BatchWriter:
+    """
+    Rows kept in memory as requests finish and written by an adbapi pool in
+    batches, every C{flush_interval} seconds (L{flush}), never on the reactor
+    thread; what both ledgers share.
+    """
 
-    def __init__(self, path: str, clock: IReactorTime, flush_interval: float = 0.5) -> None:
-        self.path = path
+    def __init__(self, clock: IReactorTime, flush_interval: float) -> None:
         self.clock = clock
         self.flush_interval = flush_interval
+        self.written = 0
         self._pending: list[tuple[Any, ...]] = []
         self._pool: Optional[adbapi.ConnectionPool] = None
         self._loop: Optional[LoopingCall] = None
-        self._writing: Optional[Deferred[None]] = None
-        self.written = 0
+        self._writing: Optional[Deferred[Any]] = None
+
+    def flush(self) -> Deferred[None]:
+        raise NotImplementedError
+
+    def _start_writing(self, pool: adbapi.ConnectionPool, now: bool) -> None:
+        """Write with C{pool} every C{flush_interval} seconds (the first time at once when C{now})."""
+        self._pool = pool
+        loop = LoopingCall(self.flush)
+        loop.clock = self.clock
+        loop.start(self.flush_interval, now=now)
+        self._loop = loop
+
+    async def stop(self) -> None:
+        """Write everything still pending (one last attempt), then close the database."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._writing is not None:
+            await self._writing
+        await self.flush()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+class Ledger(BatchWriter):
+    """Appends finished requests to the SQLite ledger, in batches, off the reactor thread."""
+
+    def __init__(self, path: str, clock: IReactorTime, flush_interval: float = 0.5) -> None:
+        super().__init__(clock, flush_interval)
+        self.path = path
 
     def start(self) -> dict[str, UserTotals]:
         """Create the ledger if needed, start the writer, and return the per-user totals so far."""
         totals = load_totals(self.path)
-        self._pool = adbapi.ConnectionPool(
+        self._start_writing(adbapi.ConnectionPool(
             "sqlite3", self.path, check_same_thread=False, cp_min=1, cp_max=1, cp_openfun=_prepare,
-        )
-        loop = LoopingCall(self.flush)
-        loop.clock = self.clock
-        loop.start(self.flush_interval, now=False)
-        self._loop = loop
+        ), now=False)
         return totals
 
     def append(self, record: RequestRecord) -> None:
@@ -172,14 +201,3 @@ class Ledger:
         d.addCallbacks(done, failed)
         self._writing = d
         return d
-
-    async def stop(self) -> None:
-        """Write everything still pending, then close the database."""
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._writing is not None:
-            await self._writing
-        await self.flush()
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None

@@ -27,11 +27,10 @@ import attrs
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from twisted_gw.books.accounting import UserTotals
-from twisted_gw.books.ledger import COLUMNS, row
+from twisted_gw.books.ledger import COLUMNS, BatchWriter, row
 from twisted_gw.books.record import RequestRecord
 
 log = Logger(namespace="llmgw.ledger")
@@ -138,39 +137,29 @@ def _create(cursor: Any) -> None:
             cursor.execute(fill)
 
 
-class PostgresLedger:
+class PostgresLedger(BatchWriter):
     """Appends finished requests to the shared PostgreSQL ledger, in batches, off the reactor thread."""
 
     def __init__(self, url: str, clock: IReactorTime, flush_interval: float = 0.5, refresh_interval: float = 2.0,
                  max_pending: int = MAX_PENDING) -> None:
+        super().__init__(clock, flush_interval)
         self.url = url
         self.path = redacted(url)  # (what startup lines and logs show)
-        self.clock = clock
-        self.flush_interval = flush_interval
         self.refresh_interval = refresh_interval
         self.max_pending = max_pending
         self.on_totals: Optional[OnTotals] = None
         self.up = False  # the last write (or attempt) reached the database
         self.dropped = 0
-        self.written = 0
-        self._pending: list[tuple[Any, ...]] = []  # (request_id, *row)
-        self._pool: Optional[adbapi.ConnectionPool] = None
-        self._loop: Optional[LoopingCall] = None
-        self._writing: Optional[Deferred[None]] = None
-        self._created = False
+        self._created = False  # (rows pending here are (request_id, *row))
         self._refreshed_at: Optional[float] = None
         self._failing = False
 
     def start(self) -> dict[str, UserTotals]:
         """Start the writer; the totals come later, through L{on_totals}, once the database answers."""
-        self._pool = adbapi.ConnectionPool(
+        self._start_writing(adbapi.ConnectionPool(
             "psycopg", self.url, cp_min=1, cp_max=1, cp_reconnect=True, cp_noisy=False,
             connect_timeout=CONNECT_TIMEOUT,
-        )
-        loop = LoopingCall(self.flush)
-        loop.clock = self.clock
-        loop.start(self.flush_interval, now=True)
-        self._loop = loop
+        ), now=True)
         return {}
 
     @property
@@ -246,15 +235,8 @@ class PostgresLedger:
         return self._writing
 
     async def stop(self) -> None:
-        """Write everything still pending (one last attempt), then close the connections."""
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._writing is not None:
-            await self._writing
-        await self.flush()
+        """Write everything still pending (one last attempt), then close the connections; say what was not written."""
+        await super().stop()
         if self._pending:
             log.error("usage ledger {path} unreachable at shutdown: {count} rows not written",
                       path=self.path, count=len(self._pending))
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
