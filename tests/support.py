@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, Optional
 
 import attrs
 from twisted.internet import error, task
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
@@ -50,6 +54,11 @@ def free_port() -> int:
 KEYS = {"sk-alice-key": "alice", "sk-bob-key": "bob"}
 ALICE = "sk-alice-key"
 BOB = "sk-bob-key"
+
+
+async def settle(seconds: float = 0.05) -> None:
+    """Let the reactor run for C{seconds} (books are kept on the turn after an answer)."""
+    await task.deferLater(reactor, seconds, lambda: None)
 
 
 async def until(condition: Callable[[], object], seconds: float = 10.0) -> None:
@@ -219,6 +228,42 @@ class GatewayTestCase(unittest.TestCase):
                 if reactor.seconds() > deadline:
                     raise
                 await task.deferLater(reactor, 0.05, lambda: None)
+
+    async def kill_under_load(self, usage_db: str) -> tuple[list[float], float]:
+        """
+        C{twistd -n llmgw} with the ledger C{usage_db} under six clients (half streaming), SIGKILLed after 2 s:
+        when each request that finished before the kill finished at its client, and when the kill was.
+        """
+        workdir, port = await self.prepare_subprocess(FakeLlama(reactor, chunk_delay=0.005))
+        proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "llmgw", "--listen", f"tcp:{port}:interface=127.0.0.1",
+             "--upstream", self.fake.url, "--max-concurrent", "4", "--usage-db", usage_db],
+            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(proc.kill)
+        url = f"http://127.0.0.1:{port}"
+        await self.wait_until_up(url)
+        finished: list[float] = []
+        stop_at = time.time() + 3.0
+        killed: list[float] = []
+
+        async def worker(stream: bool) -> None:
+            while time.time() < stop_at and not killed:
+                try:
+                    reply = await self.call("POST", "/v1/chat/completions", chat_body(stream), url=url)
+                    await reply.text()
+                except Exception:
+                    return
+                if not killed and reply.code == 200:
+                    finished.append(time.time())
+
+        workers = [Deferred.fromCoroutine(worker(i % 2 == 0)) for i in range(6)]
+        await task.deferLater(reactor, 2.0, lambda: None)
+        killed.append(time.time())
+        os.kill(proc.pid, signal.SIGKILL)
+        await DeferredList(workers)
+        await deferToThread(proc.wait, 10)
+        return finished, killed[0]
 
     async def chat(self, stream: bool = False, key: str = ALICE, **extra: Any) -> Reply:
         return await self.call("POST", "/v1/chat/completions", chat_body(stream, **extra), key=key)

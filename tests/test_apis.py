@@ -12,8 +12,7 @@ from typing import Any
 
 import anthropic
 import openai
-from support import ALICE, BOB, GatewayTestCase, content_needle, reactor, until
-from twisted.internet import task
+from support import ALICE, BOB, GatewayTestCase, content_needle, reactor, settle, until
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
@@ -21,10 +20,6 @@ from twisted_gw.testing import FakeLlama
 
 MESSAGES: Any = [{"role": "user", "content": "say hello to the gateway"}]
 SYSTEM = "You are a terse assistant."
-
-
-async def settle(seconds: float = 0.05) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
 
 
 class APITestCase(GatewayTestCase):

@@ -7,16 +7,12 @@ import random
 from typing import Any
 
 import openai
-from support import ALICE, BOB, GatewayTestCase, chat_body, content_needle, raw_exchange, reactor, sse_data
+from support import ALICE, BOB, GatewayTestCase, chat_body, content_needle, raw_exchange, reactor, settle, sse_data
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThread
 
 from twisted_gw.testing import FakeLlama
-
-
-async def settle(seconds: float = 0.05) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
 
 
 class CancellationPhaseTests(GatewayTestCase):

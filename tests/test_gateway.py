@@ -5,15 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from support import ALICE, BOB, GatewayTestCase, chat_body, content_needle, reactor, sse_data
+from support import ALICE, BOB, GatewayTestCase, chat_body, content_needle, reactor, settle, sse_data
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 
 from twisted_gw.testing import FakeLlama
-
-
-async def settle(seconds: float = 0.05) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
 
 
 class HealthAndMetricsTests(GatewayTestCase):

@@ -10,23 +10,20 @@ import contextlib
 import io
 import json
 import os
-import signal
-import subprocess
 import time
 import uuid
 from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from support import ALICE, BOB, TWISTD, GatewayTestCase, chat_body, free_port, reactor, until
+from support import ALICE, BOB, GatewayTestCase, chat_body, free_port, reactor, until
 from twisted.internet import endpoints, task
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.threads import deferToThread
 from twisted.protocols.portforward import ProxyFactory
 from twisted.trial.unittest import SkipTest
 
 from twisted_gw import usage
-from twisted_gw.testing import FakeLlama, RunningGateway, start_gateway
+from twisted_gw.testing import RunningGateway, start_gateway
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 ADMIN_URL = os.environ.get("LLMGW_TEST_POSTGRES_URL", DEFAULT_URL)
@@ -264,37 +261,9 @@ class PostgresKillTests(PostgresTestCase):
     timeout = 90
 
     async def test_sigkill_under_load_loses_at_most_the_last_second(self) -> None:
-        workdir, port = await self.prepare_subprocess(FakeLlama(reactor, chunk_delay=0.005))
-        proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "llmgw", "--listen", f"tcp:{port}:interface=127.0.0.1",
-             "--upstream", self.fake.url, "--max-concurrent", "4", "--usage-db", self.url],
-            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        self.addCleanup(proc.kill)
-        url = f"http://127.0.0.1:{port}"
-        await self.wait_until_up(url)
-        finished: list[float] = []
-        stop_at = time.time() + 3.0
-        killed: list[float] = []
-
-        async def worker(stream: bool) -> None:
-            while time.time() < stop_at and not killed:
-                try:
-                    reply = await self.call("POST", "/v1/chat/completions", chat_body(stream), url=url)
-                    await reply.text()
-                except Exception:
-                    return
-                if not killed and reply.code == 200:
-                    finished.append(time.time())
-
-        workers = [Deferred.fromCoroutine(worker(i % 2 == 0)) for i in range(6)]
-        await task.deferLater(reactor, 2.0, lambda: None)
-        killed.append(time.time())
-        os.kill(proc.pid, signal.SIGKILL)
-        await DeferredList(workers)
-        await deferToThread(proc.wait, 10)
+        finished, killed = await self.kill_under_load(self.url)
         [(rows,)] = query(self.url, "SELECT COUNT(*) FROM requests")
-        settled = [t for t in finished if t < killed[0] - 1.0]
+        settled = [t for t in finished if t < killed - 1.0]
         self.assertGreater(len(settled), 20)
         self.assertGreaterEqual(rows, len(settled))
         self.assertLessEqual(rows, len(finished) + 6)

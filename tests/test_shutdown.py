@@ -6,16 +6,12 @@ import json
 import signal
 import subprocess
 
-from support import BOB, TWISTD, GatewayTestCase, chat_body, content_needle, reactor, sse_data
+from support import BOB, TWISTD, GatewayTestCase, chat_body, content_needle, reactor, settle, sse_data
 from twisted.internet import error, task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from twisted_gw.testing import FakeLlama
-
-
-async def settle(seconds: float = 0.05) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
 
 
 class DrainTests(GatewayTestCase):

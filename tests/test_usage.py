@@ -21,10 +21,22 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from support import ALICE, BOB, TWISTD, USAGE, GatewayTestCase, chat_body, content_needle, reactor, sse_data, until
+from support import (
+    ALICE,
+    BOB,
+    TWISTD,
+    USAGE,
+    GatewayTestCase,
+    chat_body,
+    content_needle,
+    reactor,
+    settle,
+    sse_data,
+    until,
+)
 from twisted.internet import task
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, eventAsText, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -43,10 +55,6 @@ from twisted_gw.web.access import parse_networks
 def normalised(body: bytes) -> bytes:
     body = re.sub(rb'"id":"[^"]*"', b'"id":"X"', body)
     return re.sub(rb'"created":\d+', b'"created":0', body)
-
-
-async def settle(seconds: float = 0.05) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
 
 
 class ExactUsageTests(GatewayTestCase):
@@ -554,38 +562,10 @@ class KillTests(GatewayTestCase):
     timeout = 90
 
     async def test_sigkill_under_load_loses_at_most_the_last_second(self) -> None:
-        workdir, port = await self.prepare_subprocess(FakeLlama(reactor, chunk_delay=0.005))
-        db = os.path.abspath(os.path.join(workdir, "ledger.sqlite3"))
-        proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "llmgw", "--listen", f"tcp:{port}:interface=127.0.0.1",
-             "--upstream", self.fake.url, "--max-concurrent", "4", "--usage-db", db],
-            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        self.addCleanup(proc.kill)
-        url = f"http://127.0.0.1:{port}"
-        await self.wait_until_up(url)
-        finished: list[float] = []
-        stop_at = time.time() + 3.0
-        killed: list[float] = []
-
-        async def worker(stream: bool) -> None:
-            while time.time() < stop_at and not killed:
-                try:
-                    reply = await self.call("POST", "/v1/chat/completions", chat_body(stream), url=url)
-                    await reply.text()
-                except Exception:
-                    return
-                if not killed and reply.code == 200:
-                    finished.append(time.time())
-
-        workers = [Deferred.fromCoroutine(worker(i % 2 == 0)) for i in range(6)]
-        await task.deferLater(reactor, 2.0, lambda: None)
-        killed.append(time.time())
-        os.kill(proc.pid, signal.SIGKILL)
-        await DeferredList(workers)
-        await deferToThread(proc.wait, 10)
+        db = os.path.abspath(self.mktemp()) + ".sqlite3"
+        finished, killed = await self.kill_under_load(db)
         rows = sqlite3.connect(db).execute("SELECT finished_at FROM requests").fetchall()
-        settled = [t for t in finished if t < killed[0] - 1.0]
+        settled = [t for t in finished if t < killed - 1.0]
         self.assertGreater(len(settled), 20)
         self.assertGreaterEqual(len(rows), len(settled))
         self.assertLessEqual(len(rows), len(finished) + 6)
