@@ -14,11 +14,9 @@ prints each tree's median time, time to the first byte (first data event for the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -35,9 +33,7 @@ def main() -> None:
                         help="requests per block (1: the trees take turns request by request, so each has the "
                              "other's request time to finish what it does after an answer, as in the suite)")
     args = parser.parse_args()
-    work = tempfile.mkdtemp()
-    with open(os.path.join(work, "users.json"), "w") as f:
-        json.dump({"users": {"bench": {"keys": ["sk-bench"]}}}, f)
+    work = suite.work_folder("ab", "sk-bench")
     upstream = suite.start_upstream(work)
     gateways: list[suite.Server] = []
     try:

@@ -18,13 +18,12 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-from suite import free_port, log, start_gateway
+from suite import free_port, log, start_gateway, work_folder
 
 from twisted_gw.testing import LlamaServer
 
@@ -65,9 +64,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="llmgw-llama-")
-    with open(os.path.join(work, "users.json"), "w") as f:
-        json.dump({KEY: "bench"}, f)
+    work = work_folder("llama", KEY)
     log(f"work folder {work}")
     server = LlamaServer(free_port(), os.path.join(work, "llama.log"), slots=args.slots)
     direct = server.start()

@@ -21,12 +21,11 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any
 
 import httpx
-from suite import free_port, log, start_gateway
+from suite import free_port, log, start_gateway, work_folder
 
 from twisted_gw.testing import LlamaServer
 
@@ -95,9 +94,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="llmgw-routing-")
-    with open(os.path.join(work, "users.json"), "w") as f:
-        json.dump({KEY: "bench"}, f)
+    work = work_folder("routing", KEY)
     log(f"work folder {work}")
     servers = [LlamaServer(free_port(), os.path.join(work, f"llama{i}.log"), slots=1, extra=("--ctx-size", "8192"))
                for i in range(3)]

@@ -65,6 +65,14 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def work_folder(name: str, key: str) -> str:
+    """A new folder for a run's servers, logs and users file (one user, C{bench}, with C{key})."""
+    work = tempfile.mkdtemp(prefix=f"llmgw-{name}-")
+    with open(os.path.join(work, "users.json"), "w") as f:
+        json.dump({"users": {"bench": {"keys": [key]}}}, f)
+    return work
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -877,9 +885,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     nofile = raise_nofile()
     if 6 in args.cases and nofile < args.held_clients + 1000:
         log(f"WARNING: open-file limit {nofile} is low for {args.held_clients} held clients")
-    work = tempfile.mkdtemp(prefix="llmgw-suite-")
-    with open(os.path.join(work, "users.json"), "w") as f:
-        json.dump({"users": {"bench": {"keys": [loadgen.KEY]}}}, f)
+    work = work_folder("suite", loadgen.KEY)
     started = time.time()
     git = git_info()  # the code the gateway loads now (files may change during the run)
     servers: dict[str, Server] = {}
