@@ -129,23 +129,22 @@ class UsageTracker:
             return
         for container in _containers(obj):
             usage = container.get("usage")
-            if isinstance(usage, dict) and from_usage(usage) is not None:
-                if "input_tokens" in usage or "output_tokens" in usage:
+            if isinstance(usage, dict):
+                told = from_usage(usage)
+                if told is not None and ("input_tokens" in usage or "output_tokens" in usage):
                     self._fields.update(usage)  # (Messages' parts; whole objects on other APIs)
-                    self._from_usage = from_usage(self._fields)
-                else:
-                    self._from_usage = from_usage(usage)
+                    told = from_usage(self._fields)
+                if told is not None:
+                    self._from_usage = told
+                if self.cached is None:
+                    self.cached = cached_tokens(usage)
             timings = container.get("timings")
             if isinstance(timings, dict):
                 found = from_timings(timings)
                 if found is not None:
                     self._from_timings = found
-                if "cache_n" in timings:
+                if "cache_n" in timings:  # (llama.cpp's own count wins over a usage field)
                     self.cached = _int(timings["cache_n"])
-            if isinstance(usage, dict) and self.cached is None:
-                cached = cached_tokens(usage)
-                if cached is not None:
-                    self.cached = cached
 
     def see_event(self, data: bytes) -> None:
         """An event as relayed: counted, and parsed only if it can carry numbers."""
