@@ -107,15 +107,9 @@ class Accounting:
         The per-user totals (all time and today) are these, kept elsewhere (the
         shared ledger, every replica's requests in it); requests recorded next add to them.
         """
-        self._roll_day()
-        self.users = {name: attrs.evolve(saved) for name, saved in users.items()}
-        self.today = {name: attrs.evolve(saved) for name, saved in today.items()}
-        self.totals = UserTotals()
-        for saved in users.values():
-            self.totals.requests += saved.requests
-            self.totals.prompt_tokens += saved.prompt_tokens
-            self.totals.completion_tokens += saved.completion_tokens
-            self.totals.cancelled += saved.cancelled
+        self.users, self.today, self.totals = {}, {}, UserTotals()
+        self.restore(users)
+        self.restore_today(today)
 
     def restore_today(self, users: Mapping[str, UserTotals]) -> None:
         """Today's (UTC) per-user totals, from the ledger."""
