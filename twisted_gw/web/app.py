@@ -38,29 +38,27 @@ def _json(request: IRequest, status: int, doc: Any) -> bytes:
     return json.dumps(doc).encode("utf-8")
 
 
+def _key_text(raw: bytes) -> Optional[str]:
+    """A key as sent in a header, or None when empty or not UTF-8."""
+    try:
+        return raw.strip().decode("utf-8") or None
+    except UnicodeDecodeError:
+        return None
+
+
 def bearer_key(request: IRequest) -> Optional[str]:
     """The key of an C{Authorization: Bearer <key>} header, or None."""
     header = request.getHeader(b"authorization")
     if header is None:
         return None
     scheme, _, key = header.strip().partition(b" ")
-    if scheme.lower() != b"bearer" or not key.strip():
-        return None
-    try:
-        return key.strip().decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    return _key_text(key) if scheme.lower() == b"bearer" else None
 
 
 def api_key_header(request: IRequest) -> Optional[str]:
     """The key of an C{x-api-key: <key>} header (Anthropic's), or None."""
     header = request.getHeader(b"x-api-key")
-    if header is None or not header.strip():
-        return None
-    try:
-        return header.strip().decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    return None if header is None else _key_text(header)
 
 
 @attrs.define
