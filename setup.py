@@ -45,8 +45,10 @@ setup(
             "trustme>=1.1",
             "pyyaml>=6.0",
             "selenium>=4.10",
+            "txredisapi>=1.6.0",
         ],
         "postgres": ["psycopg[binary]>=3.1"],  # --usage-db postgresql://...
+        "cluster": ["txredisapi>=1.6.0"],  # --state redis://...
         "dev": [
             "ruff>=0.6",
             "mypy>=1.10",

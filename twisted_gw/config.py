@@ -162,6 +162,28 @@ def _fraction(name: str) -> Callable[[str], float]:
     return parse
 
 
+def _state_url(text: str) -> str:
+    if not text:
+        return ""
+    from twisted_gw.admission.store import StoreURL
+
+    try:
+        StoreURL.parse(text)
+    except ValueError as e:
+        raise ConfigError(f"state: {e}") from None
+    try:
+        import txredisapi  # noqa: F401
+    except ImportError:
+        raise ConfigError("state: the Redis client is not installed: pip install 'llmgw[cluster]'") from None
+    return text
+
+
+def _cluster_name(text: str) -> str:
+    if not text or any(c.isspace() or c in "{}" for c in text):
+        raise ConfigError(f"cluster must be a name without spaces or braces, not {text!r}")
+    return text
+
+
 def listen_list(text: str) -> tuple[str, ...]:
     """The endpoint descriptions of C{LISTEN}: space or comma separated."""
     items = tuple(item for item in text.replace(",", " ").split() if item)
@@ -289,6 +311,18 @@ SETTINGS: tuple[Setting, ...] = (
             "The best match is out of balance, and least-busy decides, when its share of busy places exceeds the "
             "least busy upstream's by more than this (or it has no free place while another has).",
             _fraction("routing-balance-gap"), "routing_balance_gap"),
+    Setting("state", "STATE_URL", "",
+            "Share places, the fair queue, per-user limits and quotas with the other replicas started with the "
+            "same store and --cluster: redis://[user:password@]host:port/db or rediss://... Empty: all in this "
+            "process.",
+            _state_url, "state"),
+    Setting("cluster", "CLUSTER", "llmgw",
+            "The name the replicas sharing one store go by (several clusters may share a Redis).",
+            _cluster_name, "cluster"),
+    Setting("lease-timeout", "LEASE_TIMEOUT", "10",
+            "With --state: seconds after which the places and waiters of a replica that stopped renewing its "
+            "leases (killed, cut off) go back to the cluster.",
+            _seconds("lease-timeout"), "lease_timeout"),
 )
 
 
@@ -332,6 +366,9 @@ class Config:
     routing_cache_mb: int = 64
     routing_min_match: float = 0.3
     routing_balance_gap: float = 0.5
+    state: str = ""
+    cluster: str = "llmgw"
+    lease_timeout: float = 10.0
 
 
 LISTEN_ENV = "LISTEN"

@@ -18,6 +18,9 @@ from twisted_gw import startup
 from twisted_gw.admission import DOWN, LOADING, OK, Admission, Availability, Route, Router, UserSettings
 from twisted_gw.admission.prefix import PrefixIndex
 from twisted_gw.admission.quota import Quotas
+from twisted_gw.admission.shared import SharedAdmission
+from twisted_gw.admission.shared_quotas import SharedQuotas
+from twisted_gw.admission.store import RedisStore
 from twisted_gw.books.accounting import Accounting, UserTotals
 from twisted_gw.books.ledger import Ledger, ledger_enabled, load_totals
 from twisted_gw.books.metrics import me_document, snapshot
@@ -73,12 +76,21 @@ class Gateway(Service):
             self.router.index = PrefixIndex(config.routing_cache_mb * 1024 * 1024)
             self.router.min_match = config.routing_min_match
             self.router.balance_gap = config.routing_balance_gap
-        self.admission = Admission(self.router, clock, config.max_queue, config.queue_timeout,
-                                   config.queue_update_interval)
+        self.store: Optional[RedisStore] = None
+        self.quotas = Quotas(clock)
+        if config.state:
+            self.store = RedisStore(config.state, config.cluster, reactor, config.lease_timeout,
+                                    config.routing_balance_gap)
+            self.admission: Admission = SharedAdmission(self.router, clock, self.store, config.max_queue,
+                                                        config.queue_timeout, config.queue_update_interval)
+            self.quotas = SharedQuotas(clock, self.store)
+            self.store.rejoined.append(self.quotas.store_back)
+        else:
+            self.admission = Admission(self.router, clock, config.max_queue, config.queue_timeout,
+                                       config.queue_update_interval)
         self.availability = Availability(clock, self.router, config.upstream_down_grace,
                                          self.admission.upstreams_available)
         self.accounting = Accounting(clock)
-        self.quotas = Quotas(clock)
         self.proxy = Proxy(
             self.upstreams, self.admission, clock, self.quotas, self.settings_for,
             self.accounting.average_response_time,
@@ -87,6 +99,8 @@ class Gateway(Service):
             assemble_non_stream=config.assemble_non_stream, health_checks=config.upstream_check_interval > 0,
         )
         self.prometheus = PrometheusMetrics(self.admission)
+        if self.store is not None:
+            self.prometheus.watch_store(self.store)
         self.proxy.sinks.extend([self.accounting.record, self.prometheus.observe])
         self.ledger: Optional[Ledger | PostgresLedger] = None
         if is_postgres(config.usage_db):
@@ -218,6 +232,9 @@ class Gateway(Service):
             )
         self.users.load_now()
         self.users.start()
+        if self.store is not None:
+            assert isinstance(self.admission, SharedAdmission)
+            self.store.start(self.admission)
         if isinstance(self.ledger, PostgresLedger):
             self.ledger.start()  # (its totals come when its database answers: _shared_totals)
         elif self.ledger is not None:
@@ -276,6 +293,8 @@ class Gateway(Service):
             self._previous_sighup = None
         self.users.stop()
         await self.proxy.drain(self.config.drain_timeout)
+        if self.store is not None:
+            await self.store.stop()  # (what it still held goes back to the cluster at once)
         # (the last answers sent before the reactor stops, which drops whatever is still unsent)
         await self.site.close_connections(self.reactor, CLOSE_TIMEOUT)
         if self.ledger is not None:

@@ -65,11 +65,12 @@ class Ticket:
     waited: bool
     route: Route
     released: bool = False
+    lease: str = ""  # its name in a shared store (L{twisted_gw.admission.shared})
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._admission._released(self.user, self.route)
+            self._admission._released(self)
 
 
 @attrs.define(eq=False)
@@ -84,6 +85,9 @@ class _Waiter:
     deadline: float = 0.0
     prompt: tuple[int, ...] = ()  # its prompt's block hashes, for cache-aware routing
     position: int = 0
+    weight: float = 1.0
+    first: bool = False
+    lease: str = ""  # its name in a shared store
     deferred: Deferred[Ticket] = attrs.field(init=False)
 
     def __call__(self, deferred: Deferred[Ticket]) -> None:
@@ -131,6 +135,19 @@ class Admission:
     @property
     def free(self) -> int:
         return self.router.free
+
+    # The queue of all the gateways sharing it (L{twisted_gw.admission.shared}); alone: this one's.
+    @property
+    def cluster_waiting(self) -> int:
+        return self.waiting
+
+    @property
+    def cluster_active(self) -> int:
+        return self.active
+
+    def cluster_document(self) -> Optional[dict[str, object]]:
+        """The C{cluster} section of C{/metrics} (none alone)."""
+        return None
 
     def running_of(self, user: str) -> int:
         return self._running.get(user, 0)
@@ -190,23 +207,29 @@ class Admission:
                 return fail(QueueFull())
             if max_queued is not None and self._scheduler.waiting_of(user) >= max_queued:
                 return fail(QueueFull(per_user=True))
+        waiter = self._queue(user, weight, first, on_position, model, exclude, prompt)
+        self._tell_positions()
+        return waiter.deferred
+
+    def _queue(self, user: str, weight: float, first: bool, on_position: Optional[PositionCallback],
+               model: Optional[str], exclude: frozenset[Route], prompt: tuple[int, ...]) -> _Waiter:
+        """A new waiter, in the queue (its Deferred is its C{deferred})."""
         entry = self._scheduler.enqueue_first(user) if first else self._scheduler.enqueue(user, weight)
         waiter = _Waiter(self, entry, on_position, model, exclude, self.clock.seconds() + self.queue_timeout,
-                         prompt=prompt)
+                         prompt=prompt, weight=weight, first=first)
         d: Deferred[Ticket] = Deferred(waiter)
         waiter.deferred = d
         self._waiters[entry] = waiter
         self._deadlines.append(waiter)
         if self._sweep is None:
             self._sweep = self.clock.callLater(self.queue_timeout, self._expire_due)
-        self._tell_positions()
-        return d
+        return waiter
 
-    def _grant(self, user: str, route: Route, waited: bool) -> Ticket:
+    def _grant(self, user: str, route: Route, waited: bool, lease: str = "") -> Ticket:
         assert route.free > 0, "granted only where a place is free"
         route.active += 1
         self._running[user] = self._running.get(user, 0) + 1
-        return Ticket(self, user, waited, route)
+        return Ticket(self, user, waited, route, lease=lease)
 
     def _leave(self, waiter: _Waiter) -> None:
         """Take a waiter out of the queue (its Deferred is being cancelled or failed)."""
@@ -265,11 +288,12 @@ class Admission:
         self._sweep = None
         self._deadlines.clear()
 
-    def _released(self, user: str, route: Route) -> None:
+    def _released(self, ticket: Ticket) -> None:
+        user = ticket.user
         self._running[user] -= 1
         if not self._running[user]:
             del self._running[user]
-        route.active -= 1
+        ticket.route.active -= 1
         self.changed()
 
     def changed(self) -> None:
@@ -296,7 +320,7 @@ class Admission:
             waiter = self._waiters.pop(entry)
             self.router.record(decision, waiter.prompt)
             self._gone(waiter)
-            waiter.deferred.callback(self._grant(entry.user, decision.route, waited=True))
+            waiter.deferred.callback(self._grant(entry.user, decision.route, waited=True, lease=waiter.lease))
 
     def _tell_positions(self) -> None:
         """A pass over the positions now, or, within C{position_interval} of the last one, when that has passed."""

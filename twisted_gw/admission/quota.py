@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Optional
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from twisted_gw.admission.settings import UserSettings
@@ -67,6 +68,10 @@ class Quotas:
         today = self._today()
         for user, tokens in used.items():
             self._day[user] = (today, tokens)
+
+    def refresh(self, user: str) -> Deferred[None]:
+        """C{user}'s use read again where it is kept (here: nothing to read; see L{SharedQuotas})."""
+        return succeed(None)
 
     def used(self, user: str, tokens: int) -> None:
         """C{user} has just used C{tokens}."""

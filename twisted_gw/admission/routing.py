@@ -35,6 +35,7 @@ class Route:
     failovers: int = 0  # requests it could not take that went to another upstream
     prompt_tokens: int = 0  # of the generations it answered with timings or usage...
     cached_tokens: int = 0  # ...and how many of those it had in its cache (llama.cpp's timings.cache_n)
+    share: Optional[int] = None  # while a cluster's store is away: the most places this replica may hold
 
     @property
     def places(self) -> int:
@@ -47,7 +48,10 @@ class Route:
 
     @property
     def free(self) -> int:
-        return max(0, self.places - self.active) if self.routable else 0
+        if not self.routable:
+            return 0
+        limit = self.places if self.share is None else min(self.places, self.share)
+        return max(0, limit - self.active)
 
     def update(self, state: str, slots: Optional[int] = None, models: Optional[frozenset[str]] = None,
                read_props: bool = False) -> None:
@@ -88,6 +92,7 @@ class Route:
 # Why a generation went where it went (llmgw_routing_decisions_total's reasons).
 CACHE, BALANCE, LEAST_BUSY = "cache", "balance", "least_busy"
 SHARE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+NOWHERE = "-"  # no upstream's name: a generation every upstream failed waits out its time
 
 
 @attrs.define
@@ -176,6 +181,34 @@ class Router:
         if pick.free == 0 or pick.load - min(r.load for r in candidates) > self.balance_gap:
             return Decision(least, BALANCE, share)
         return Decision(pick, CACHE, share)
+
+    def holder(self, model: Optional[str], exclude: Iterable[Route], prompt: Sequence[int]) -> tuple[str, float]:
+        """
+        The upstream holding the longest prefix of C{prompt} (at least
+        C{min_match} of it), and the share it holds: where a cluster's store
+        sends the generation when it is not out of balance ("" when none).
+        """
+        if not self.cache_aware or not prompt:
+            return "", 0.0
+        assert self.index is not None
+        scored = [(self.index.match(r, prompt), r) for r in self.candidates(model, exclude)]
+        if not scored:
+            return "", 0.0
+        top, route = max(scored, key=lambda s: s[0])
+        share = top / len(prompt)
+        return (route.name, share) if top and share >= self.min_match else ("", share)
+
+    def servers(self, model: Optional[str], exclude: Iterable[Route] = ()) -> list[str]:
+        """
+        The upstreams a generation for C{model} may go to, whatever their
+        health (a cluster's store knows which have places): empty for all.
+        """
+        skip = set(exclude)
+        serving = [r for r in self.routes if model is not None and model in r.models]
+        pool = [r for r in (serving or self.routes) if r not in skip]
+        if not pool:
+            return [NOWHERE]
+        return [] if len(pool) == len(self.routes) else [r.name for r in pool]
 
     def record(self, decision: Decision, prompt: Sequence[int] = ()) -> None:
         """C{decision} was taken: counted, the turn moves past its upstream, which now holds C{prompt}."""

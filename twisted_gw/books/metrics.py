@@ -34,12 +34,14 @@ def snapshot(
 
 def _snapshot(admission: Admission, accounting: Accounting, totals: UserTotals) -> dict[str, Any]:
     return {
-        "queue": {
-            "waiting": admission.waiting,
-            "active": admission.active,
-            "depth": admission.waiting + admission.active,
+        "queue": {  # (the cluster's, with a shared store)
+            "waiting": admission.cluster_waiting,
+            "active": admission.cluster_active,
+            "depth": admission.cluster_waiting + admission.cluster_active,
             "max_concurrent": admission.limit,
         },
+        "replica": {"waiting": admission.waiting, "active": admission.active},
+        "cluster": admission.cluster_document(),
         "waiting_users": admission.waiting_users(),
         "throughput": {
             "tokens_per_second_1m": round(accounting.tokens_per_second(WINDOW_1M), 3),

@@ -78,6 +78,15 @@ class _LedgerCollector(Collector):
                                   "for longer than its memory bound", value=self.ledger.dropped)
 
 
+class _StoreCollector(Collector):
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("llmgw_state_store_up", "1 while the cluster's shared state store answers",
+                                value=1 if self.store.up else 0)
+
+
 class PrometheusMetrics:
     """Counters, histograms and gauges of the gateway."""
 
@@ -98,6 +107,10 @@ class PrometheusMetrics:
         self.tokens_per_second = Histogram("llmgw_generation_tokens_per_second", "Generation speed seen by clients",
                                            buckets=TPS_BUCKETS, registry=registry)
         registry.register(_QueueCollector(admission))
+
+    def watch_store(self, store: Any) -> None:
+        """Export whether a cluster's shared state store answers (C{up})."""
+        self.registry.register(_StoreCollector(store))
 
     def watch_ledger(self, ledger: Any) -> None:
         """Export a shared ledger's state (C{up}, C{pending}, C{dropped})."""

@@ -107,7 +107,7 @@ class Proxy:
 
     async def _run(self, ex: Exchange) -> None:
         try:
-            self.places.check_quota(ex)
+            await self.places.check_quota(ex)
             if takes_a_place(ex.request.method, ex.request.path):  # (a model list, count_tokens: no place)
                 ex.ticket = await self.places.take(ex)
             ex.running = True

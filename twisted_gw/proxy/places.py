@@ -45,11 +45,12 @@ class Places:
     mean_duration: Callable[[], float]
     queue_events: str = "comment"
 
-    def check_quota(self, ex: Exchange) -> None:
+    async def check_quota(self, ex: Exchange) -> None:
         """Rate-limit headers on every response of a user with a quota; 429 for a generation once it is used up."""
         settings = ex.settings
         if settings.tokens_per_minute is None and settings.tokens_per_day is None:
             return
+        await self.quotas.refresh(ex.user)  # (a cluster's use, read from its store)
         for name, value in self.quotas.headers(ex.user, settings).items():
             ex.response.set_header(name, [value])
         spent = self.quotas.exceeded(ex.user, settings)

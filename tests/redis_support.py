@@ -1,0 +1,99 @@
+"""
+A real Redis for the cluster tests: a C{redis-server} of their own on a free loopback port (the binary from
+LLMGW_TEST_REDIS_SERVER, else the one on PATH), which a test may stop and start again; or, without a binary, the
+server at LLMGW_TEST_REDIS_URL (tests that restart Redis then skip).  Where neither works the tests skip and say
+why; under LLMGW_REQUIRE_SERVICES=1 (CI) they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from typing import Optional
+
+from support import free_port
+from twisted.trial.unittest import SkipTest
+
+REQUIRED = os.environ.get("LLMGW_REQUIRE_SERVICES") == "1"
+
+
+def _skip(why: str) -> SkipTest:
+    if REQUIRED:
+        raise AssertionError(f"LLMGW_REQUIRE_SERVICES=1 but {why}")
+    return SkipTest(why)
+
+
+def _ping(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1 that keeps nothing on disk."""
+
+    def __init__(self, binary: Optional[str], url: Optional[str] = None) -> None:
+        self.binary = binary
+        self.port = free_port() if binary else 0
+        self._url = url
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.folder = tempfile.mkdtemp(prefix="llmgw-redis-")
+
+    @property
+    def url(self) -> str:
+        return self._url or f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def restartable(self) -> bool:
+        return self.binary is not None
+
+    def start(self) -> None:
+        if self.binary is None:
+            return
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _ping("127.0.0.1", self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise _skip(f"{self.binary} did not start on 127.0.0.1:{self.port}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Gone like a crashed server: SIGKILL (it keeps nothing, so it comes back empty)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+
+def redis_server() -> RedisServer:
+    """A started server for one test (stop it in its cleanup)."""
+    binary = os.environ.get("LLMGW_TEST_REDIS_SERVER") or shutil.which("redis-server")
+    if binary:
+        server = RedisServer(binary)
+        server.start()
+        return server
+    url = os.environ.get("LLMGW_TEST_REDIS_URL")
+    if url:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if _ping(parts.hostname or "127.0.0.1", parts.port or 6379):
+            return RedisServer(None, url)
+        raise _skip(f"no Redis answers at LLMGW_TEST_REDIS_URL={url}")
+    raise _skip("no redis-server binary (set LLMGW_TEST_REDIS_SERVER, or LLMGW_TEST_REDIS_URL for a running Redis)")
+
+
+def cluster_name() -> str:
+    """A cluster of its own for each test (a shared LLMGW_TEST_REDIS_URL may hold others)."""
+    return "test-" + uuid.uuid4().hex[:10]

@@ -1,0 +1,267 @@
+"""
+The shared state store of a cluster of gateways: a Redis server, reached
+through txredisapi on the reactor.  This module is the I/O edge only: it runs
+the scripts of L{twisted_gw.admission.lua}, renews this replica's leases about
+every second, waits for the places handed to its waiters (a blocking pop on
+a second connection), and tells its L{Member} when the store is lost and when
+it is back.  What the answers mean is the member's business
+(L{twisted_gw.admission.shared}).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Protocol
+from urllib.parse import unquote, urlsplit
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from twisted_gw.admission import lua
+
+log = Logger(namespace="llmgw.state")
+
+BEAT_INTERVAL = 1.0  # seconds between lease renewals
+REPLY_TIMEOUT = 2.0  # seconds a step may take before the store counts as lost
+
+
+class StoreDown(Exception):
+    """The store did not answer (or is known to be away): act on what this replica knows."""
+
+
+@attrs.frozen
+class StoreURL:
+    host: str
+    port: int
+    db: int
+    username: Optional[str]
+    password: Optional[str]
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> StoreURL:
+        """C{redis://[user:password@]host:port/db} or C{rediss://...} (TLS); ValueError when it is not one."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(f"not a redis:// or rediss:// URL: {url!r}")
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ValueError(f"the database in {url!r} is not a number")
+        return cls(parts.hostname, parts.port or 6379, int(path or 0),
+                   unquote(parts.username) if parts.username else None,
+                   unquote(parts.password) if parts.password else None, parts.scheme == "rediss")
+
+
+@attrs.frozen
+class Answer:
+    """What the store says after each step: the step's status, the cluster's queue, this replica's grants."""
+
+    status: str  # "ok", "unknown" (this replica is not registered), "full", "user_full"
+    waiting: int
+    active: int
+    replicas: int
+    grants: list[tuple[str, str]]  # (lease, upstream)
+
+    @classmethod
+    def read(cls, reply: Sequence[Any]) -> Answer:
+        status, waiting, active, replicas, grants = reply
+        pairs = [tuple(g.split("\t", 1)) for g in grants or ()]
+        return cls(status, int(waiting), int(active), int(replicas), pairs)
+
+
+class Member(Protocol):
+    """What the store tells (the replica's shared admission)."""
+
+    def answered(self, answer: Answer) -> None: ...
+
+    def store_lost(self) -> None: ...
+
+    def sync_state(self) -> tuple[list[list[Any]], list[list[Any]], dict[str, int]]: ...
+
+    def store_back(self) -> None: ...
+
+
+class RedisStore:
+    """One replica's connection to the cluster's store."""
+
+    def __init__(self, url: str, cluster: str, reactor: Any, lease_timeout: float = 10.0,
+                 balance_gap: float = 0.5, replica: Optional[str] = None) -> None:
+        self.url = StoreURL.parse(url)
+        self.prefix = f"llmgw:{{{cluster}}}:"
+        self.cluster = cluster
+        self.where = f"{'rediss' if self.url.tls else 'redis'}://{self.url.host}:{self.url.port}/{self.url.db}"
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.lease_timeout = lease_timeout
+        self.balance_gap = balance_gap
+        self.replica = replica or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.member: Optional[Member] = None
+        self.rejoined: list[Callable[[], None]] = []  # called when the store is back (the quotas' charges)
+        self.up = False
+        self.replicas_seen = 1
+        self.waiting = 0  # the cluster's queue, as of the last answer
+        self.active = 0
+        self._connection: Any = None
+        self._blocking: Any = None
+        self._beat: Optional[LoopingCall] = None
+        self._popping: Optional[Deferred[Any]] = None
+        self._syncing = False
+        self._stopped = False
+        self._ever_up = False
+
+    def _connect(self) -> Any:
+        import txredisapi
+        from twisted.internet import ssl
+
+        u = self.url
+        tls: Any = ssl.optionsForClientTLS(u.host) if u.tls else False
+        return txredisapi.lazyConnection(
+            u.host, u.port, dbid=u.db or None, reconnect=True, password=u.password, username=u.username,
+            ssl_context_factory=tls, connectTimeout=REPLY_TIMEOUT, replyTimeout=self.lease_timeout,
+            convertNumbers=False,
+        )
+
+    def start(self, member: Member) -> None:
+        """Connect, register, renew the leases every second and take the grants as they come."""
+        self.member = member
+        self._connection = self._connect()
+        self._blocking = self._connect()
+        self._beat = LoopingCall(self.beat)
+        self._beat.clock = self.clock
+        self._beat.start(BEAT_INTERVAL, now=True)
+        self._pop()
+
+    async def stop(self) -> None:
+        """Give back every place and waiter of this replica at once (the others need not wait for the lease)."""
+        self._stopped = True
+        if self._beat is not None and self._beat.running:
+            self._beat.stop()
+        if self._popping is not None:
+            self._popping.cancel()
+        if self.up:
+            try:
+                await self._eval(lua.LEAVE, self.replica, self.balance_gap)
+            except Exception:
+                pass
+        for connection in (self._connection, self._blocking):
+            if connection is not None:
+                await connection.disconnect()
+
+    def _eval(self, script: str, *args: Any) -> Deferred[Any]:
+        d = self._connection.eval(script, [], [self.prefix, *args])
+        return d.addTimeout(REPLY_TIMEOUT, self.clock)
+
+    def step(self, script: str, *args: Any) -> Deferred[Answer]:
+        """
+        Run one of the admission steps (their ARGV after the prefix and this
+        replica's name); its answer goes to the member too.  Fails with
+        L{StoreDown} while the store is away (and when this call finds so).
+        """
+        if not self.up:
+            from twisted.internet.defer import fail
+
+            return fail(StoreDown())
+        d = self._eval(script, self.replica, *args)
+        return d.addCallbacks(self._answered, self._failed)
+
+    def _answered(self, reply: Sequence[Any]) -> Answer:
+        answer = Answer.read(reply)
+        self.waiting, self.active, self.replicas_seen = answer.waiting, answer.active, max(1, answer.replicas)
+        assert self.member is not None
+        self.member.answered(answer)
+        if answer.status == "unknown":
+            self._sync()
+        return answer
+
+    def _failed(self, failure: Any) -> Any:
+        self._lost(failure.getErrorMessage())
+        raise StoreDown() from None
+
+    def _lost(self, why: str) -> None:
+        if self.up and not self._stopped:
+            self.up = False
+            log.error("state store {host}:{port} lost ({why}): acting alone, with at most 1/{n} of each "
+                      "upstream's places, until it is back", host=self.url.host, port=self.url.port, why=why,
+                      n=self.replicas_seen)
+            assert self.member is not None
+            self.member.store_lost()
+
+    def run(self, script: str, *args: Any) -> Deferred[Any]:
+        """A script that is not an admission step (quotas): its raw reply; StoreDown while the store is away."""
+        if not self.up:
+            from twisted.internet.defer import fail
+
+            return fail(StoreDown())
+        return self._eval(script, *args).addErrback(self._failed)
+
+    def beat(self) -> Deferred[None]:
+        """Renew this replica's leases (reaping dead replicas' and handing out what they freed); rejoin if away."""
+        if self._syncing:
+            return succeed(None)
+        if not self.up:
+            self._sync()
+            return succeed(None)
+        d = self.step(lua.BEAT, self.lease_timeout, self.balance_gap)
+        d.addErrback(lambda f: f.trap(StoreDown))
+        return d.addCallback(lambda _: None)
+
+    def _sync(self) -> None:
+        """Tell the store everything this replica holds and waits for (first start, store back, reaped)."""
+        if self._syncing or self._stopped:
+            return
+        self._syncing = True
+        assert self.member is not None
+        held, waiting, routes = self.member.sync_state()
+        d = self._eval(lua.SYNC, self.replica, self.lease_timeout, self.balance_gap, json.dumps(held),
+                       json.dumps(waiting), json.dumps(routes))
+
+        def synced(reply: Sequence[Any]) -> None:
+            self._syncing = False
+            was_up, self.up = self.up, True
+            if not was_up:
+                log.info("state store {host}:{port} {how}: places, queue and quotas shared with the cluster "
+                         "{prefix}", host=self.url.host, port=self.url.port,
+                         how="back" if self._ever_up else "joined", prefix=self.prefix)
+                self._ever_up = True
+                assert self.member is not None
+                self.member.store_back()
+                for back in self.rejoined:
+                    back()
+            self._answered(reply)
+
+        def failed(failure: Any) -> None:
+            self._syncing = False
+            self._lost(failure.getErrorMessage())
+
+        d.addCallbacks(synced, failed)
+
+    def _pop(self) -> None:
+        """Wait for the next place handed to one of this replica's waiters (by any replica's step)."""
+        if self._stopped:
+            return
+        if not self.up:
+            self._popping = None
+            self.clock.callLater(BEAT_INTERVAL, self._pop)
+            return
+        d = self._blocking.blpop([self.prefix + "grants:" + self.replica], timeout=1)
+        self._popping = d
+
+        def popped(reply: Any) -> None:
+            if reply:
+                lease, upstream = reply[1].split("\t", 1)
+                assert self.member is not None
+                self.member.answered(Answer("ok", self.waiting, self.active, self.replicas_seen, [(lease, upstream)]))
+            self._pop()
+
+        def failed(failure: Any) -> None:
+            if self._stopped:
+                return
+            self.clock.callLater(BEAT_INTERVAL, self._pop)
+
+        d.addCallbacks(popped, failed)
