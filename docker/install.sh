@@ -95,6 +95,9 @@ else
     echo "LAN_TLS_PORT=8443"
     echo "USAGE_DB=/data/llmgw-usage.sqlite3"
     echo "POSTGRES_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
+    echo "STATE_URL="
+    echo "CLUSTER=llmgw"
+    echo "LAN_PORT_2=8001"
     echo "TUNNEL_TOKEN=$tunnel_token"
     if [ -n "$tunnel_token" ]; then echo "COMPOSE_PROFILES=tunnel"; else echo "COMPOSE_PROFILES="; fi
   } > "$env_file.tmp"

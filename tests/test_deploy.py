@@ -36,7 +36,7 @@ class ComposeTests(SynchronousTestCase):
         self.compose = yaml.safe_load(self.text)
 
     def test_every_variable_is_documented(self) -> None:
-        used = set(re.findall(r"\$\{([A-Z_]+)", self.text))
+        used = set(re.findall(r"\$\{([A-Z0-9_]+)", self.text))
         self.assertIn("TUNNEL_TOKEN", used)
         self.assertEqual(used - set(env_example()), set())
 
@@ -58,6 +58,22 @@ class ComposeTests(SynchronousTestCase):
         self.assertEqual(postgres["profiles"], ["cluster"])  # the shared ledger, only when asked for
         self.assertRegex(postgres["image"], r"^postgres:\d+\.\d+$")
         self.assertEqual(gateway["environment"]["USAGE_DB"], "${USAGE_DB:-/data/llmgw-usage.sqlite3}")
+
+    def test_the_cluster_profile_runs_two_replicas_on_one_store(self) -> None:
+        services = self.compose["services"]
+        first, second, redis = services["llmgw"], services["llmgw-2"], services["redis"]
+        self.assertEqual((second["profiles"], redis["profiles"]), (["cluster"], ["cluster"]))
+        self.assertNotIn("profiles", first)
+        self.assertRegex(redis["image"], r"^redis:\d+\.\d+\.\d+$")
+        # the same gateway, environment and users; its own ports and ledger volume
+        for key in ("image", "build", "environment", "extra_hosts"):
+            self.assertEqual(first[key], second[key], key)
+        self.assertEqual(first["environment"]["STATE_URL"], "${STATE_URL:-}")
+        self.assertIn("./config:/config", second["volumes"])
+        self.assertTrue(any(v.startswith("ledger-2:") for v in second["volumes"]))
+        self.assertIn("ledger-2", self.compose["volumes"])
+        self.assertFalse(set(map(str, first["ports"])) & set(map(str, second["ports"])))
+        self.assertEqual(second["depends_on"], ["redis"])
 
 
 class DockerfileTests(SynchronousTestCase):

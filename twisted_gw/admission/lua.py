@@ -165,14 +165,23 @@ return answer(replica, 'ok')
 
 # ARGV: P, replica, lease timeout, balance gap, held JSON [[lease, upstream, user]...],
 #       waiting JSON [[id, user, weight, cap, first, [candidates], preferred]...] in queue order,
-#       routes JSON {upstream: places}
+#       routes JSON {upstream: places}, replicas it last saw
 # Makes the store's record of this replica what the replica holds (after the store restarted, or the
 # replica was reaped while it could not reach it); places granted to its waiters meanwhile are kept.
+# A store that came back empty hands out nothing ("settling": each replica goes on alone, within its
+# share) until the replicas its members last saw are all back, or for a lease timeout at most: until
+# then it does not know what the others hold.
 SYNC = COMMON + r"""
 local replica, timeout, gap = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local held, waiting, routes = cjson.decode(ARGV[5]), cjson.decode(ARGV[6]), cjson.decode(ARGV[7])
-redis.call('ZADD', P .. 'replicas', now(), replica)
+local t = now()
+redis.call('ZADD', P .. 'replicas', t, replica)
 reap(timeout)
+redis.call('SET', P .. 'born', t, 'NX')
+local expect = math.max(tonumber(ARGV[8]), tonumber(redis.call('GET', P .. 'expect') or '0'))
+redis.call('SET', P .. 'expect', expect)
+local settling = t < tonumber(redis.call('GET', P .. 'born')) + timeout
+  and redis.call('ZCARD', P .. 'replicas') < expect
 for name, n in pairs(routes) do redis.call('HSET', P .. 'routes', name, n) end
 local keep = {}
 for _, h in ipairs(held) do keep[h[1]] = true end
@@ -193,6 +202,7 @@ for _, w in ipairs(waiting) do
     enqueue(replica, w[1], w[2], w[3], w[4], w[5], w[6], w[7])
   end
 end
+if settling then return answer(replica, 'settling') end
 dispatch(gap)
 return answer(replica, 'ok')
 """

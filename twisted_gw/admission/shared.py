@@ -49,6 +49,7 @@ class SharedAdmission(Admission):
         self._caps_of: dict[str, int] = {}  # lease -> its user's max_concurrent (-1: none)
         self._prefer: dict[str, tuple[str, float]] = {}  # lease -> the upstream holding its prefix, and how much
         self._sent_routes: dict[str, int] = {}
+        self._synced: tuple[set[str], set[str]] = (set(), set())  # (held, waiting) as the last sync told them
         self._numbers = itertools.count()
         for route in router.routes:  # (until the store first answers, nothing is known of the others)
             route.share = 0
@@ -152,6 +153,9 @@ class SharedAdmission(Admission):
     def store_back(self) -> None:
         for route in self.router.routes:
             route.share = None
+        now = ({lease for lease, t in self._held.items() if not t.released}, set(self._ids))
+        if now != self._synced:  # (it changed while the sync was on its way: the store must know)
+            self.store.sync()
 
     def sync_state(self) -> tuple[list[list[Any]], list[list[Any]], dict[str, int]]:
         """What this replica holds, what waits here (in queue order) and its upstreams' places, for the store."""
@@ -163,6 +167,7 @@ class SharedAdmission(Admission):
             waiting.append([w.lease, entry.user, w.weight, self._caps_of.get(w.lease, -1), int(w.first),
                             self.router.servers(w.model, w.exclude), prefer])
         self._sent_routes = self._route_places()
+        self._synced = ({h[0] for h in held}, {w[0] for w in waiting})
         return held, waiting, self._sent_routes
 
     def _route_places(self) -> dict[str, int]:

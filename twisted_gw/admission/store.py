@@ -18,10 +18,13 @@ from typing import Any, Optional, Protocol
 from urllib.parse import unquote, urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_gw.admission import lua
 
@@ -108,24 +111,30 @@ class RedisStore:
         self.waiting = 0  # the cluster's queue, as of the last answer
         self.active = 0
         self._connection: Any = None
+        self._factories: list[Any] = []
         self._blocking: Any = None
         self._beat: Optional[LoopingCall] = None
         self._popping: Optional[Deferred[Any]] = None
+        self._next_pop: Optional[IDelayedCall] = None
         self._syncing = False
         self._stopped = False
         self._ever_up = False
 
     def _connect(self) -> Any:
+        """A connection that comes back by itself: tried again within a beat's time once the store is back."""
         import txredisapi
-        from twisted.internet import ssl
 
         u = self.url
-        tls: Any = ssl.optionsForClientTLS(u.host) if u.tls else False
-        return txredisapi.lazyConnection(
-            u.host, u.port, dbid=u.db or None, reconnect=True, password=u.password, username=u.username,
-            ssl_context_factory=tls, connectTimeout=REPLY_TIMEOUT, replyTimeout=self.lease_timeout,
-            convertNumbers=False,
-        )
+        factory = txredisapi.RedisFactory(f"{u.host}:{u.port}", u.db or None, 1, isLazy=True, password=u.password,
+                                          replyTimeout=self.lease_timeout, convertNumbers=False,
+                                          username=u.username)
+        factory.initialDelay, factory.maxDelay = 0.1, BEAT_INTERVAL
+        endpoint: Any = HostnameEndpoint(self.reactor, u.host, u.port, timeout=REPLY_TIMEOUT)
+        if u.tls:
+            endpoint = wrapClientTLS(optionsForClientTLS(u.host), endpoint)
+        factory.startConnecting(endpoint)
+        self._factories.append(factory)
+        return factory.handler
 
     def start(self, member: Member) -> None:
         """Connect, register, renew the leases every second and take the grants as they come."""
@@ -142,20 +151,38 @@ class RedisStore:
         self._stopped = True
         if self._beat is not None and self._beat.running:
             self._beat.stop()
-        if self._popping is not None:
-            self._popping.cancel()
+        if self._next_pop is not None and self._next_pop.active():
+            self._next_pop.cancel()
         if self.up:
             try:
                 await self._eval(lua.LEAVE, self.replica, self.balance_gap)
             except Exception:
                 pass
-        for connection in (self._connection, self._blocking):
-            if connection is not None:
-                await connection.disconnect()
+        for factory in self._factories:
+            await factory.disconnect()
 
-    def _eval(self, script: str, *args: Any) -> Deferred[Any]:
-        d = self._connection.eval(script, [], [self.prefix, *args])
-        return d.addTimeout(REPLY_TIMEOUT, self.clock)
+    def _eval(self, script: str, *args: Any, wait: bool = False) -> Deferred[Any]:
+        """
+        Run C{script}; fails with L{StoreDown} at once when the connection is
+        down (unless C{wait}: joining waits for it), and when no answer comes
+        within REPLY_TIMEOUT (the command itself is left to end as it may).
+        """
+        if not wait and not self._factories[0].size:
+            return fail(StoreDown("no connection"))
+        result: Deferred[Any] = Deferred()
+        timer = self.clock.callLater(REPLY_TIMEOUT, lambda: result.errback(StoreDown("no answer")))
+
+        def done(outcome: Any) -> None:
+            if not timer.active():
+                return  # (too late: it counted as no answer)
+            timer.cancel()
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        self._connection.eval(script, [], [self.prefix, *args]).addBoth(done)
+        return result
 
     def step(self, script: str, *args: Any) -> Deferred[Answer]:
         """
@@ -164,8 +191,6 @@ class RedisStore:
         L{StoreDown} while the store is away (and when this call finds so).
         """
         if not self.up:
-            from twisted.internet.defer import fail
-
             return fail(StoreDown())
         d = self._eval(script, self.replica, *args)
         return d.addCallbacks(self._answered, self._failed)
@@ -195,8 +220,6 @@ class RedisStore:
     def run(self, script: str, *args: Any) -> Deferred[Any]:
         """A script that is not an admission step (quotas): its raw reply; StoreDown while the store is away."""
         if not self.up:
-            from twisted.internet.defer import fail
-
             return fail(StoreDown())
         return self._eval(script, *args).addErrback(self._failed)
 
@@ -211,6 +234,10 @@ class RedisStore:
         d.addErrback(lambda f: f.trap(StoreDown))
         return d.addCallback(lambda _: None)
 
+    def sync(self) -> None:
+        """Tell the store again what this replica holds and waits for (it changed while the last sync ran)."""
+        self._sync()
+
     def _sync(self) -> None:
         """Tell the store everything this replica holds and waits for (first start, store back, reaped)."""
         if self._syncing or self._stopped:
@@ -219,10 +246,13 @@ class RedisStore:
         assert self.member is not None
         held, waiting, routes = self.member.sync_state()
         d = self._eval(lua.SYNC, self.replica, self.lease_timeout, self.balance_gap, json.dumps(held),
-                       json.dumps(waiting), json.dumps(routes))
+                       json.dumps(waiting), json.dumps(routes), self.replicas_seen, wait=True)
 
         def synced(reply: Sequence[Any]) -> None:
             self._syncing = False
+            if reply[0] == "settling":  # (alone a little longer: the others are not all back)
+                self._answered(reply)
+                return
             was_up, self.up = self.up, True
             if not was_up:
                 log.info("state store {host}:{port} {how}: places, queue and quotas shared with the cluster "
@@ -247,7 +277,7 @@ class RedisStore:
             return
         if not self.up:
             self._popping = None
-            self.clock.callLater(BEAT_INTERVAL, self._pop)
+            self._next_pop = self.clock.callLater(BEAT_INTERVAL, self._pop)
             return
         d = self._blocking.blpop([self.prefix + "grants:" + self.replica], timeout=1)
         self._popping = d
@@ -262,6 +292,6 @@ class RedisStore:
         def failed(failure: Any) -> None:
             if self._stopped:
                 return
-            self.clock.callLater(BEAT_INTERVAL, self._pop)
+            self._next_pop = self.clock.callLater(BEAT_INTERVAL, self._pop)
 
         d.addCallbacks(popped, failed)
