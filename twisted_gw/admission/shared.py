@@ -167,7 +167,7 @@ class SharedAdmission(Admission):
             waiting.append([w.lease, entry.user, w.weight, self._caps_of.get(w.lease, -1), int(w.first),
                             self.router.servers(w.model, w.exclude), prefer])
         self._sent_routes = self._route_places()
-        self._synced = ({h[0] for h in held}, {w[0] for w in waiting})
+        self._synced = ({str(h[0]) for h in held}, {str(w[0]) for w in waiting})
         return held, waiting, self._sent_routes
 
     def _route_places(self) -> dict[str, int]:
