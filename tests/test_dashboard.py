@@ -6,13 +6,13 @@ import os
 import shutil
 from typing import Any, Optional
 
-from support import ALICE, BOB, GatewayTestCase, reactor
+from support import ALICE, BOB, GatewayTestCase, chat_body, reactor, until
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from twisted_gw.testing import FakeLlama
+from twisted_gw.testing import FakeLlama, start_gateway
 from twisted_gw.web.access import parse_networks
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -47,6 +47,14 @@ def browser() -> Any:
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
 
 
+async def open_dashboard(test: GatewayTestCase) -> Any:
+    """A headless Chromium (closed after the test) showing the test's gateway's dashboard."""
+    driver = await deferToThread(browser)
+    test.addCleanup(lambda: deferToThread(driver.quit))
+    await deferToThread(driver.get, test.gw.url + "/dashboard")
+    return driver
+
+
 class SkipMessageTests(SynchronousTestCase):
     def test_names_what_is_missing(self) -> None:
         self.assertIsNone(missing_browser("/usr/bin/chromium", "/usr/bin/chromedriver"))
@@ -66,11 +74,7 @@ class DashboardTests(GatewayTestCase):
     timeout = 90
 
     async def open_dashboard(self) -> Any:
-        """A headless Chromium (closed after the test) showing this gateway's dashboard."""
-        driver = await deferToThread(browser)
-        self.addCleanup(lambda: deferToThread(driver.quit))
-        await deferToThread(driver.get, self.gw.url + "/dashboard")
-        return driver
+        return await open_dashboard(self)
 
     async def test_page_is_served_self_contained(self) -> None:
         await self.start()
@@ -217,3 +221,38 @@ class DashboardTests(GatewayTestCase):
         first, refused = await deferToThread(try_wrong)
         self.assertIn("--metrics-token (METRICS_TOKEN)", first)
         self.assertIn("That token was refused", refused)
+
+
+class ClusterDashboardTests(GatewayTestCase):
+    timeout = 90
+    async def test_a_replica_shows_the_clusters_queue_and_its_own(self) -> None:
+        from redis_support import cluster_name, redis_server
+
+        redis = redis_server()
+        self.addCleanup(redis.stop)
+        await self.start(fake=FakeLlama(reactor, manual=True), max_concurrent=1, state=redis.url,
+                         cluster=cluster_name())
+        other = await start_gateway(reactor, self.config)
+        self.addCleanup(other.stop)
+        await until(lambda: self.gw.gateway.store.up and other.gateway.store.up)
+        running = await self.chat(stream=True)  # (here)
+        self.fake.release(1)
+        waiting = await self.call("POST", "/v1/chat/completions", chat_body(True), key=BOB, url=other.url)
+        await waiting.body.wait_for(b": queue position=1")
+        await until(lambda: self.gw.gateway.store.waiting == 1, 3)  # (this replica's next word with the store)
+        driver = await open_dashboard(self)
+
+        def read_page() -> dict[str, str]:
+            from selenium.webdriver.common.by import By
+            from selenium.webdriver.support.ui import WebDriverWait
+
+            WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "q-waiting").text == "1")
+            return {name: driver.find_element(By.ID, f"q-{name}").text for name in ("active", "waiting", "replica")}
+
+        shown = await deferToThread(read_page)
+        self.assertEqual((shown["active"], shown["waiting"]), ("1", "1"))  # (the cluster's)
+        self.assertEqual(shown["replica"], f"cluster {self.config.cluster}: 2 replicas, store up; "
+                                           "this replica: 1 running, 0 waiting")
+        self.fake.release(100)
+        for reply in (running, waiting):
+            await reply.text()
