@@ -75,6 +75,10 @@ class ConfigTests(SynchronousTestCase):
             (["--user-tokens-per-day", "-5"], {}, "0 (no limit) or more"),
             (["--metrics-allow", "192.168.1.0/24, lan"], {}, "metrics-allow: 'lan' is not a network"),
             ([], {"METRICS_ALLOW": "10.0.0.0/33"}, "'10.0.0.0/33' is not a network"),
+            (["--state", "http://127.0.0.1:6379"], {}, "state: not a redis:// or rediss:// URL"),
+            ([], {"STATE_URL": "redis://127.0.0.1:6379/x"}, "the database in 'redis://127.0.0.1:6379/x' is not"),
+            (["--cluster", "two words"], {}, "cluster must be a name without spaces or braces"),
+            (["--lease-timeout", "0"], {}, "a positive number of seconds"),
         ]
         for argv, env, fragment in cases:
             with self.assertRaises(ConfigError) as caught:
@@ -102,3 +106,16 @@ class ConfigTests(SynchronousTestCase):
         with self.assertRaises(SystemExit) as caught:
             options.parseOptions(["--max-concurrent", "none"])
         self.assertEqual(str(caught.exception), "llmgw: error: max-concurrent must be a whole number, not 'none'")
+
+    def test_a_shared_state_store(self) -> None:
+        from twisted_gw.admission.store import StoreURL
+
+        alone = parse([], {})
+        self.assertEqual((alone.state, alone.cluster, alone.lease_timeout), ("", "llmgw", 10.0))
+        config = parse(["--cluster", "team-a"], {"STATE_URL": "rediss://llmgw:p%40ss@cache.lan:6380/2",
+                                                 "LEASE_TIMEOUT": "4"})
+        self.assertEqual((config.cluster, config.lease_timeout), ("team-a", 4.0))
+        self.assertEqual(StoreURL.parse(config.state), StoreURL("cache.lan", 6380, 2, "llmgw", "p@ss", True))
+        self.assertEqual(StoreURL.parse("redis://h"), StoreURL("h", 6379, 0, None, None, False))
+        self.assertEqual(parse(["--state", "redis://:secret@h:1/"], {}).state, "redis://:secret@h:1/")
+        self.assertEqual(StoreURL.parse("redis://:secret@h:1/").password, "secret")
