@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Optional
 import attrs
 from twisted.internet import endpoints
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -1090,3 +1090,62 @@ class LlamaServer:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(30)
+
+
+@attrs.define(eq=False)
+class FakeStore:
+    """
+    A stand-in for L{twisted_gw.admission.store.RedisStore} for the shared
+    queue's logic (L{twisted_gw.admission.shared}): it records each step and
+    answers only when the test says what the store answered (L{answer}).
+    """
+
+    replica: str = "r1"
+    cluster: str = "test"
+    where: str = "redis://fake:6379/0"
+    lease_timeout: float = 10.0
+    balance_gap: float = 0.5
+    up: bool = True
+    replicas_seen: int = 1
+    waiting: int = 0
+    active: int = 0
+    member: Any = None
+    steps: list[tuple[str, tuple[Any, ...], Deferred[Any]]] = attrs.Factory(list)
+    syncs: int = 0
+    ranks: dict[str, int] = attrs.Factory(dict)  # lease -> the position RANKS answers
+
+    def step(self, script: str, *args: Any) -> Deferred[Any]:
+        from twisted_gw.admission import lua
+        from twisted_gw.admission.store import StoreDown
+
+        if not self.up:
+            return fail(StoreDown())
+        name = next(n for n in ("ENQUEUE", "RELEASE", "ROUTE", "BEAT") if getattr(lua, n) == script)
+        d: Deferred[Any] = Deferred()
+        self.steps.append((name, args, d))
+        return d
+
+    def run(self, script: str, *args: Any) -> Deferred[Any]:
+        from twisted_gw.admission import lua
+        from twisted_gw.admission.store import StoreDown
+
+        if not self.up:
+            return fail(StoreDown())
+        if script == lua.RANKS:  # (the positions are what the last answer's ranks say)
+            return succeed([self.ranks.get(lease, 0) for lease in args])
+        return succeed(None)
+
+    def sync(self) -> None:
+        self.syncs += 1
+
+    def taken(self, name: str) -> list[tuple[Any, ...]]:
+        """The arguments of the steps C{name} sent so far."""
+        return [args for n, args, _ in self.steps if n == name]
+
+    def answer(self, index: int, status: str = "ok", grants: Any = ()) -> None:
+        """Step C{index} answered: C{grants} are (lease, upstream) pairs handed to this replica."""
+        from twisted_gw.admission.store import Answer
+
+        answer = Answer(status, self.waiting, self.active, self.replicas_seen, list(grants))
+        self.member.answered(answer)
+        self.steps[index][2].callback(answer)

@@ -237,7 +237,7 @@ class SharedAdmission(Admission):
     def positions_of(self, user: str) -> list[int]:
         if not self.shared:
             return super().positions_of(user)
-        return sorted(w.position for w in self._waiters.values() if w.entry.user == user)
+        return sorted(w.position for w in self._waiters.values() if w.entry.user == user and w.position)
 
 
 def _store_down(failure: Any) -> None:

@@ -99,7 +99,7 @@ class Places:
     def retry_after(self) -> int:
         """Seconds until a place is likely free: the queue ahead times the mean request time."""
         per_request = self.mean_duration() or 10.0
-        ahead = self.admission.waiting + 1
+        ahead = self.admission.cluster_waiting + 1  # (the whole queue, with a shared store)
         return max(1, min(600, math.ceil(per_request * ahead / max(1, self.admission.limit))))
 
     def _queued(self, ex: Exchange, position: int) -> None:
