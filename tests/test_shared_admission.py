@@ -39,8 +39,8 @@ class SharedAdmissionTests(SynchronousTestCase):
         self.assertNoResult(d)  # (nothing is handed out here while the store is up)
         [(timeout, gap, max_queue, lease, user, weight, cap, max_queued, first, servers, prefer)] = \
             self.store.taken("ENQUEUE")
-        self.assertEqual((max_queue, user, weight, cap, max_queued, first, json.loads(servers), prefer),
-                         (50, "alice", 2.0, 2, 3, 0, [], ""))
+        self.assertEqual((timeout, gap, max_queue, user, weight, cap, max_queued, first, json.loads(servers), prefer),
+                         (10.0, 0.5, 50, "alice", 2.0, 2, 3, 0, [], ""))
         self.assertEqual((self.admission.waiting, self.admission.positions_of("alice")), (1, []))
         self.store.ranks[lease] = 3
         self.store.answer(0)  # (in the queue, third)

@@ -33,13 +33,13 @@ from twisted_gw.admission.queue import (
     _Waiter,
 )
 from twisted_gw.admission.routing import CACHE, LEAST_BUSY, Decision, Route, Router
-from twisted_gw.admission.store import Answer, RedisStore, StoreDown
+from twisted_gw.admission.store import Answer, Store, StoreDown
 
 
 class SharedAdmission(Admission):
     """An L{Admission} whose places and queue are the cluster's while its C{store} is up."""
 
-    def __init__(self, router: Router, clock: IReactorTime, store: RedisStore, max_queue: int = 100,
+    def __init__(self, router: Router, clock: IReactorTime, store: Store, max_queue: int = 100,
                  queue_timeout: float = 600.0, position_interval: float = 0.0) -> None:
         super().__init__(router, clock, max_queue, queue_timeout, position_interval)
         self.store = store

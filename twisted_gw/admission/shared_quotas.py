@@ -19,11 +19,11 @@ from twisted.python.failure import Failure
 
 from twisted_gw.admission import lua
 from twisted_gw.admission.quota import Quotas
-from twisted_gw.admission.store import RedisStore, StoreDown
+from twisted_gw.admission.store import Store, StoreDown
 
 
 class SharedQuotas(Quotas):
-    def __init__(self, clock: IReactorTime, store: RedisStore) -> None:
+    def __init__(self, clock: IReactorTime, store: Store) -> None:
         super().__init__(clock)
         self.store = store
         self._numbers = itertools.count()

@@ -78,6 +78,26 @@ class Answer:
         return cls(status, int(waiting), int(active), int(replicas), pairs)
 
 
+class Store(Protocol):
+    """What the shared queue and quotas need of a store (L{RedisStore}; in tests, L{twisted_gw.testing.FakeStore})."""
+
+    replica: str
+    cluster: str
+    where: str
+    lease_timeout: float
+    balance_gap: float
+    up: bool
+    replicas_seen: int
+    waiting: int
+    active: int
+
+    def step(self, script: str, *args: Any) -> Deferred[Answer]: ...
+
+    def run(self, script: str, *args: Any) -> Deferred[Any]: ...
+
+    def sync(self) -> None: ...
+
+
 class Member(Protocol):
     """What the store tells (the replica's shared admission)."""
 
