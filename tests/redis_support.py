@@ -32,7 +32,7 @@ def _ping(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # (up, with or without a password)
     except OSError:
         return False
 
@@ -40,10 +40,11 @@ def _ping(host: str, port: int) -> bool:
 class RedisServer:
     """One redis-server process on 127.0.0.1 that keeps nothing on disk."""
 
-    def __init__(self, binary: Optional[str], url: Optional[str] = None) -> None:
+    def __init__(self, binary: Optional[str], url: Optional[str] = None, extra: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.port = free_port() if binary else 0
         self._url = url
+        self.extra = extra  # more of redis-server's options (TLS, users)
         self.process: Optional[subprocess.Popen[bytes]] = None
         self.folder = tempfile.mkdtemp(prefix="llmgw-redis-")
 
@@ -60,7 +61,7 @@ class RedisServer:
             return
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+             "--dir", self.folder, *self.extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while not _ping("127.0.0.1", self.port):
@@ -76,13 +77,15 @@ class RedisServer:
         self.process = None
 
 
-def redis_server() -> RedisServer:
-    """A started server for one test (stop it in its cleanup)."""
+def redis_server(binary_only: bool = False, extra: tuple[str, ...] = ()) -> RedisServer:
+    """A started server for one test (stop it in its cleanup); C{binary_only}: one of its own, with C{extra}."""
     binary = os.environ.get("LLMGW_TEST_REDIS_SERVER") or shutil.which("redis-server")
     if binary:
-        server = RedisServer(binary)
+        server = RedisServer(binary, extra=extra)
         server.start()
         return server
+    if binary_only:
+        raise _skip("needs a redis-server binary of its own (LLMGW_TEST_REDIS_SERVER)")
     url = os.environ.get("LLMGW_TEST_REDIS_URL")
     if url:
         from urllib.parse import urlsplit

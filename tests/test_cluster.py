@@ -437,3 +437,46 @@ class InProcessTests(ClusterTestCase):
         await self.nothing_held()
         self.assertEqual(await self.store("ZCARD", "replicas"), 1)
 
+
+
+class TLSStoreTests(GatewayTestCase):
+    timeout = 60
+
+    async def test_rediss_with_a_private_ca_and_a_user(self) -> None:
+        import trustme
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+        folder = os.path.abspath(self.mktemp())  # (redis-server reads its files after changing to its --dir)
+        os.makedirs(folder)
+        paths = {name: os.path.join(folder, f"{name}.pem") for name in ("ca", "cert", "key", "other")}
+        ca.cert_pem.write_to_path(paths["ca"])
+        cert.cert_chain_pems[0].write_to_path(paths["cert"])
+        cert.private_key_pem.write_to_path(paths["key"])
+        trustme.CA().cert_pem.write_to_path(paths["other"])
+        port = free_port()
+        redis = redis_server(binary_only=True, extra=(
+            "--tls-port", str(port), "--tls-cert-file", paths["cert"], "--tls-key-file", paths["key"],
+            "--tls-ca-cert-file", paths["ca"], "--tls-auth-clients", "no",
+            "--user", "llmgw", "on", ">s3cret", "~*", "&*", "+@all", "--user", "default", "off"))
+        self.addCleanup(redis.stop)
+        url = f"rediss://llmgw:s3cret@localhost:{port}/3"
+        await self.start(FakeLlama(reactor, chunk_delay=0.01, slots=1), max_concurrent=1, state=url,
+                         state_ca=paths["ca"], cluster=cluster_name())
+        other = await start_gateway(reactor, self.config)
+        self.addCleanup(other.stop)
+        await until(lambda: self.gw.gateway.store.up and other.gateway.store.up)
+        results = await DeferredList([Deferred.fromCoroutine(self.call("POST", "/v1/chat/completions",
+                                                                       chat_body(), url=gw.url))
+                                      for gw in (self.gw, other, self.gw, other)])
+        self.assertEqual([r[1].code for r in results], [200] * 4)
+        self.assertEqual(self.fake.peak, 1)
+        self.assertEqual((await self.metrics())["cluster"]["store"], f"rediss://localhost:{port}/3")
+        # a store whose certificate this CA did not sign is never joined: nothing is handed out
+        from attrs import evolve
+
+        stranger = await start_gateway(reactor, evolve(self.config, state_ca=paths["other"]))
+        self.addCleanup(stranger.stop)
+        await settle(2.5)
+        self.assertFalse(stranger.gateway.store.up)
+        self.flushLoggedErrors()

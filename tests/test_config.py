@@ -79,6 +79,7 @@ class ConfigTests(SynchronousTestCase):
             ([], {"STATE_URL": "redis://127.0.0.1:6379/x"}, "the database in 'redis://127.0.0.1:6379/x' is not"),
             (["--cluster", "two words"], {}, "cluster must be a name without spaces or braces"),
             (["--lease-timeout", "0"], {}, "a positive number of seconds"),
+            (["--state-ca", "/nonexistent/ca.pem"], {}, "state-ca"),
         ]
         for argv, env, fragment in cases:
             with self.assertRaises(ConfigError) as caught:

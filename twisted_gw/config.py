@@ -316,6 +316,10 @@ SETTINGS: tuple[Setting, ...] = (
             "same store and --cluster: redis://[user:password@]host:port/db or rediss://... Empty: all in this "
             "process.",
             _state_url, "state"),
+    Setting("state-ca", "STATE_CA", "",
+            "PEM file of the CA(s) that sign a rediss:// store's certificate (a private CA); empty: the system's "
+            "trust store. The host name is always verified.",
+            _readable_file_or_empty("state-ca"), "state_ca"),
     Setting("cluster", "CLUSTER", "llmgw",
             "The name the replicas sharing one store go by (several clusters may share a Redis).",
             _cluster_name, "cluster"),
@@ -367,6 +371,7 @@ class Config:
     routing_min_match: float = 0.3
     routing_balance_gap: float = 0.5
     state: str = ""
+    state_ca: str = ""
     cluster: str = "llmgw"
     lease_timeout: float = 10.0
 

@@ -114,7 +114,8 @@ class RedisStore:
     """One replica's connection to the cluster's store."""
 
     def __init__(self, url: str, cluster: str, reactor: Any, lease_timeout: float = 10.0,
-                 balance_gap: float = 0.5, replica: Optional[str] = None) -> None:
+                 balance_gap: float = 0.5, replica: Optional[str] = None, tls: Any = None) -> None:
+        """C{tls}: how a rediss:// store is verified (an C{IOpenSSLClientConnectionCreator}; else the system's CAs)."""
         self.url = StoreURL.parse(url)
         self.prefix = f"llmgw:{{{cluster}}}:"
         self.cluster = cluster
@@ -125,6 +126,7 @@ class RedisStore:
         self.balance_gap = balance_gap
         self.replica = replica or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.member: Optional[Member] = None
+        self.tls = tls
         self.rejoined: list[Callable[[], None]] = []  # called when the store is back (the quotas' charges)
         self.up = False
         self.replicas_seen = 1
@@ -139,6 +141,7 @@ class RedisStore:
         self._syncing = False
         self._stopped = False
         self._ever_up = False
+        self._said_unreachable = False
 
     def _connect(self) -> Any:
         """A connection that comes back by itself: tried again within a beat's time once the store is back."""
@@ -151,7 +154,7 @@ class RedisStore:
         factory.initialDelay, factory.maxDelay = 0.1, BEAT_INTERVAL
         endpoint: Any = HostnameEndpoint(self.reactor, u.host, u.port, timeout=REPLY_TIMEOUT)
         if u.tls:
-            endpoint = wrapClientTLS(optionsForClientTLS(u.host), endpoint)
+            endpoint = wrapClientTLS(self.tls or optionsForClientTLS(u.host), endpoint)
         factory.startConnecting(endpoint)
         self._factories.append(factory)
         return factory.handler
@@ -248,6 +251,8 @@ class RedisStore:
         if self._syncing:
             return succeed(None)
         if not self.up:
+            if any(factory.stopped for factory in self._factories):
+                self._reconnect()
             self._sync()
             return succeed(None)
         d = self.step(lua.BEAT, self.lease_timeout, self.balance_gap)
@@ -257,6 +262,18 @@ class RedisStore:
     def sync(self) -> None:
         """Tell the store again what this replica holds and waits for (it changed while the last sync ran)."""
         self._sync()
+
+    def _reconnect(self) -> None:
+        """
+        New connections: txredisapi stops trying for good when its AUTH or
+        SELECT fails (a wrong password, a TLS handshake refused, a Redis still
+        loading); a store that may come back right must still be joined.
+        """
+        old, self._factories = self._factories, []
+        for factory in old:
+            factory.disconnect()
+        self._connection = self._connect()
+        self._blocking = self._connect()
 
     def _sync(self) -> None:
         """Tell the store everything this replica holds and waits for (first start, store back, reaped)."""
@@ -287,6 +304,10 @@ class RedisStore:
 
         def failed(failure: Any) -> None:
             self._syncing = False
+            if not self._ever_up and not self._said_unreachable:  # (once: it is tried again every second)
+                self._said_unreachable = True
+                log.error("state store {host}:{port} unreachable ({why}): no generation starts until it answers",
+                          host=self.url.host, port=self.url.port, why=failure.getErrorMessage())
             self._lost(failure.getErrorMessage())
 
         d.addCallbacks(synced, failed)
