@@ -423,6 +423,20 @@ class InProcessTests(ClusterTestCase):
         told = await self.call("GET", "/v1/models", url=second.url)
         self.assertEqual(told.header("x-ratelimit-remaining-tokens"), str(7 * TOKENS).encode())
 
+    async def test_max_queued_counts_every_replicas_waiters(self) -> None:
+        users = {"users": {"alice": {"keys": [ALICE], "max_queued": 1}, "bob": {"keys": [BOB]}}}
+        first, second = await self.replicas(2, FakeLlama(reactor, manual=True, slots=1), users)
+        running = await self.call("POST", "/v1/chat/completions", chat_body(True), key=BOB, url=first.url)
+        await until(lambda: self.fake.generating == 1)
+        waiting = await self.call("POST", "/v1/chat/completions", chat_body(True), url=second.url)
+        self.assertEqual(waiting.header("X-Queue-Position"), b"1")
+        refused = await self.call("POST", "/v1/chat/completions", chat_body(True), url=first.url)
+        self.assertEqual(refused.code, 429)
+        self.assertEqual((await refused.json())["error"]["code"], "user_queue_full")
+        self.fake.release(10_000)
+        for reply in (running, waiting):
+            self.assertIn(b"[DONE]", await reply.text())
+
     async def test_a_stopping_replica_gives_back_at_once(self) -> None:
         first, second = await self.replicas(2, FakeLlama(reactor, manual=True, slots=1), drain_timeout=0.1)
         running = Deferred.fromCoroutine(self.call("POST", "/v1/chat/completions", chat_body(True),
