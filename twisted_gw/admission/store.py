@@ -136,7 +136,6 @@ class RedisStore:
         self._factories: list[Any] = []
         self._blocking: Any = None
         self._beat: Optional[LoopingCall] = None
-        self._popping: Optional[Deferred[Any]] = None
         self._next_pop: Optional[IDelayedCall] = None
         self._syncing = False
         self._stopped = False
@@ -179,8 +178,9 @@ class RedisStore:
         if self.up:
             try:
                 await self._eval(lua.LEAVE, self.replica, self.balance_gap)
-            except Exception:
-                pass
+            except Exception:  # (the store went meanwhile: the leases run out instead)
+                log.info("state store {host}:{port} not told of this replica's stop: its leases will run out",
+                         host=self.url.host, port=self.url.port)
         for factory in self._factories:
             await factory.disconnect()
 
@@ -317,11 +317,9 @@ class RedisStore:
         if self._stopped:
             return
         if not self.up:
-            self._popping = None
             self._next_pop = self.clock.callLater(BEAT_INTERVAL, self._pop)
             return
         d = self._blocking.blpop([self.prefix + "grants:" + self.replica], timeout=1)
-        self._popping = d
 
         def popped(reply: Any) -> None:
             if reply:
