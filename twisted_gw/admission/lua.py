@@ -153,7 +153,7 @@ local function answer(replica, status)
 end
 """
 
-# ARGV: P, replica, lease timeout, balance gap
+# ARGV: P, replica, seconds without renewal after which a replica is reaped, balance gap
 BEAT = COMMON + r"""
 local replica, timeout, gap = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 if not redis.call('ZSCORE', P .. 'replicas', replica) then return answer(replica, 'unknown') end
@@ -163,7 +163,8 @@ dispatch(gap)
 return answer(replica, 'ok')
 """
 
-# ARGV: P, replica, lease timeout, balance gap, held JSON [[lease, upstream, user]...],
+# ARGV: P, replica, seconds without renewal after which a replica is reaped, balance gap,
+#       held JSON [[lease, upstream, user]...],
 #       waiting JSON [[id, user, weight, cap, first, [candidates], preferred]...] in queue order,
 #       routes JSON {upstream: places}, replicas it last saw
 # Makes the store's record of this replica what the replica holds (after the store restarted, or the
@@ -207,7 +208,7 @@ dispatch(gap)
 return answer(replica, 'ok')
 """
 
-# ARGV: P, replica, lease timeout, balance gap, max queue, id, user, weight, cap, max queued (-1: none),
+# ARGV: P, replica, lease timeout (unused), balance gap, max queue, id, user, weight, cap, max queued (-1: none),
 #       first (1/0), candidates JSON, preferred
 ENQUEUE = COMMON + r"""
 local replica, gap = ARGV[2], tonumber(ARGV[4])

@@ -123,6 +123,10 @@ class RedisStore:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.lease_timeout = lease_timeout
+        # Leases are renewed at least 4 times per timeout, and a replica that missed renewals for the timeout less
+        # one interval is reaped at the next renewal of another: its places are back within the lease timeout.
+        self.beat_interval = min(BEAT_INTERVAL, lease_timeout / 4)
+        self.reap_after = lease_timeout - self.beat_interval
         self.balance_gap = balance_gap
         self.replica = replica or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.member: Optional[Member] = None
@@ -165,7 +169,7 @@ class RedisStore:
         self._blocking = self._connect()
         self._beat = LoopingCall(self.beat)
         self._beat.clock = self.clock
-        self._beat.start(BEAT_INTERVAL, now=True)
+        self._beat.start(self.beat_interval, now=True)
         self._pop()
 
     async def stop(self) -> None:
@@ -255,7 +259,7 @@ class RedisStore:
                 self._reconnect()
             self._sync()
             return succeed(None)
-        d = self.step(lua.BEAT, self.lease_timeout, self.balance_gap)
+        d = self.step(lua.BEAT, self.reap_after, self.balance_gap)
         d.addErrback(lambda f: f.trap(StoreDown))
         return d.addCallback(lambda _: None)
 
@@ -282,7 +286,7 @@ class RedisStore:
         self._syncing = True
         assert self.member is not None
         held, waiting, routes = self.member.sync_state()
-        d = self._eval(lua.SYNC, self.replica, self.lease_timeout, self.balance_gap, json.dumps(held),
+        d = self._eval(lua.SYNC, self.replica, self.reap_after, self.balance_gap, json.dumps(held),
                        json.dumps(waiting), json.dumps(routes), self.replicas_seen, wait=True)
 
         def synced(reply: Sequence[Any]) -> None:
