@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from typing import Optional
+from urllib.parse import urlsplit
 
 from support import free_port
 from twisted.trial.unittest import SkipTest
@@ -42,7 +43,11 @@ class RedisServer:
 
     def __init__(self, binary: Optional[str], url: Optional[str] = None, extra: tuple[str, ...] = ()) -> None:
         self.binary = binary
-        self.port = free_port() if binary else 0
+        parts = urlsplit(url or "")
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = free_port() if binary else parts.port or 6379
+        self.db = int(parts.path.strip("/") or 0)
+        self.password = parts.password
         self._url = url
         self.extra = extra  # more of redis-server's options (TLS, users)
         self.process: Optional[subprocess.Popen[bytes]] = None
@@ -88,8 +93,6 @@ def redis_server(binary_only: bool = False, extra: tuple[str, ...] = ()) -> Redi
         raise _skip("needs a redis-server binary of its own (LLMGW_TEST_REDIS_SERVER)")
     url = os.environ.get("LLMGW_TEST_REDIS_URL")
     if url:
-        from urllib.parse import urlsplit
-
         parts = urlsplit(url)
         if _ping(parts.hostname or "127.0.0.1", parts.port or 6379):
             return RedisServer(None, url)

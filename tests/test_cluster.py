@@ -114,8 +114,8 @@ class ClusterTestCase(GatewayTestCase):
     async def store(self, command: str, key: str, *args: Any) -> Any:
         import txredisapi
 
-        connection = await txredisapi.Connection("127.0.0.1", self.redis.port, reconnect=False,
-                                                 convertNumbers=False)
+        connection = await txredisapi.Connection(self.redis.host, self.redis.port, dbid=self.redis.db or None,
+                                                 password=self.redis.password, reconnect=False, convertNumbers=False)
         try:
             return await connection.execute_command(command, f"llmgw:{{{self.cluster}}}:{key}", *args)
         finally:
@@ -494,4 +494,3 @@ class TLSStoreTests(GatewayTestCase):
         self.addCleanup(stranger.stop)
         await settle(2.5)
         self.assertFalse(stranger.gateway.store.up)
-        self.flushLoggedErrors()

@@ -145,6 +145,7 @@ class RedisStore:
         self._stopped = False
         self._ever_up = False
         self._said_unreachable = False
+        self._refusal = ""
 
     def _connect(self) -> Any:
         """A connection that comes back by itself: tried again within a beat's time once the store is back."""
@@ -158,9 +159,18 @@ class RedisStore:
         endpoint: Any = HostnameEndpoint(self.reactor, u.host, u.port, timeout=REPLY_TIMEOUT)
         if u.tls:
             endpoint = wrapClientTLS(self.tls or optionsForClientTLS(u.host), endpoint)
+        # (a connection refused at AUTH or SELECT fails this Deferred, which nothing else waits on: its reason is
+        # said once, and the next beat makes new connections)
+        factory.deferred.addErrback(self._refused)
         factory.startConnecting(endpoint)
         self._factories.append(factory)
         return factory.handler
+
+    def _refused(self, failure: Failure) -> None:
+        why = failure.getErrorMessage()
+        if why != self._refusal:
+            self._refusal = why
+            log.error("state store {host}:{port}: {why}", host=self.url.host, port=self.url.port, why=why)
 
     def start(self, member: Member) -> None:
         """Connect, register, renew the leases every second and take the grants as they come."""
