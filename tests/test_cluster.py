@@ -424,6 +424,30 @@ class InProcessTests(ClusterTestCase):
         told = await self.call("GET", "/v1/models", url=second.url)
         self.assertEqual(told.header("x-ratelimit-remaining-tokens"), str(7 * TOKENS).encode())
 
+    async def test_weights_hold_across_replicas(self) -> None:
+        """alice (weight 2) waits on one replica, bob (weight 1) on the other: 2 to 1 over 30 starts."""
+        users = {"users": {"alice": {"keys": [ALICE], "weight": 2}, "bob": {"keys": [BOB], "weight": 1}}}
+        first, second = await self.replicas(2, FakeLlama(reactor, manual=True, reply=("x",), slots=1), users)
+        running = await self.call("POST", "/v1/chat/completions", chat_body(True), url=first.url)
+        await until(lambda: self.fake.generating == 1)
+        queued = [Deferred.fromCoroutine(self.generate(gw.url, key=key))
+                  for _ in range(20) for gw, key in ((first, ALICE), (second, BOB))]
+        for _ in range(200):
+            if (await self.held())["waiting"] == 40:
+                break
+            await settle(0.02)
+        self.fake.release(1)
+        await running.text()
+        for _ in range(30):
+            arrived = self.fake.next_request()
+            self.fake.release(1)
+            await arrived
+        served = [(r.headers.getRawHeaders(b"x-gateway-user") or [b""])[0] for r in self.fake.generations[1:31]]
+        self.assertLessEqual(abs(served.count(b"alice") - 20), 1, served)
+        self.assertLessEqual(abs(served.count(b"bob") - 10), 1, served)
+        self.fake.release(100)
+        self.assertEqual({r[1][0] for r in await DeferredList(queued)}, {200})
+
     async def test_max_queued_counts_every_replicas_waiters(self) -> None:
         users = {"users": {"alice": {"keys": [ALICE], "max_queued": 1}, "bob": {"keys": [BOB]}}}
         first, second = await self.replicas(2, FakeLlama(reactor, manual=True, slots=1), users)
