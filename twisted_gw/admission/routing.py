@@ -149,10 +149,13 @@ class Router:
         The routable upstreams a request for C{model} may go to: those listing
         the model when any upstream lists it, else all; never C{exclude}.
         """
+        return [r for r in self._pool(model, exclude) if r.routable]
+
+    def _pool(self, model: Optional[str], exclude: Iterable[Route]) -> list[Route]:
+        """The upstreams listing C{model} when any lists it, else all; never C{exclude}; whatever their health."""
         serving = [r for r in self.routes if model is not None and model in r.models]
-        pool = serving or list(self.routes)
         skip = set(exclude)
-        return [r for r in pool if r.routable and r not in skip]
+        return [r for r in serving or self.routes if r not in skip]
 
     def best(self, model: Optional[str] = None, exclude: Iterable[Route] = ()) -> Optional[Route]:
         """The candidate with the most free places (ties: the next in turn), or None if none is free."""
@@ -170,17 +173,27 @@ class Router:
         if self.index is None or not prompt or len(self.routes) == 1:
             return Decision(least, LEAST_BUSY, 0.0)
         candidates = self.candidates(model, exclude)
-        scored = [(self.index.match(r, prompt), r) for r in candidates]
-        top = max(n for n, _ in scored)
-        share = top / len(prompt)
-        if top == 0 or share < self.min_match:
+        holders, share = self._holders(candidates, prompt)
+        if not holders:
             return Decision(least, LEAST_BUSY, share)
-        holders = [r for n, r in scored if n == top]
         pick = self._rotate(holders, lambda r: -r.free)
         assert pick is not None
         if pick.free == 0 or pick.load - min(r.load for r in candidates) > self.balance_gap:
             return Decision(least, BALANCE, share)
         return Decision(pick, CACHE, share)
+
+    def _holders(self, candidates: Sequence[Route], prompt: Sequence[int]) -> tuple[list[Route], float]:
+        """
+        The C{candidates} holding the longest prefix of C{prompt}, if it
+        covers at least C{min_match} of it (else none), and the share it covers.
+        """
+        assert self.index is not None
+        scored = [(self.index.match(r, prompt), r) for r in candidates]
+        top = max((n for n, _ in scored), default=0)
+        share = top / len(prompt)
+        if top == 0 or share < self.min_match:
+            return [], share
+        return [r for n, r in scored if n == top], share
 
     def holder(self, model: Optional[str], exclude: Iterable[Route], prompt: Sequence[int]) -> tuple[str, float]:
         """
@@ -190,22 +203,15 @@ class Router:
         """
         if not self.cache_aware or not prompt:
             return "", 0.0
-        assert self.index is not None
-        scored = [(self.index.match(r, prompt), r) for r in self.candidates(model, exclude)]
-        if not scored:
-            return "", 0.0
-        top, route = max(scored, key=lambda s: s[0])
-        share = top / len(prompt)
-        return (route.name, share) if top and share >= self.min_match else ("", share)
+        holders, share = self._holders(self.candidates(model, exclude), prompt)
+        return (holders[0].name if holders else ""), share
 
     def servers(self, model: Optional[str], exclude: Iterable[Route] = ()) -> list[str]:
         """
         The upstreams a generation for C{model} may go to, whatever their
         health (a cluster's store knows which have places): empty for all.
         """
-        skip = set(exclude)
-        serving = [r for r in self.routes if model is not None and model in r.models]
-        pool = [r for r in (serving or self.routes) if r not in skip]
+        pool = self._pool(model, exclude)
         if not pool:
             return [NOWHERE]
         return [] if len(pool) == len(self.routes) else [r.name for r in pool]
