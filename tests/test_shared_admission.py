@@ -91,7 +91,7 @@ class SharedAdmissionTests(SynchronousTestCase):
         self.store.up = False
         self.admission.store_lost()
         self.assertEqual([r.share for r in self.routes], [2, 1])
-        results = [self.acquire()[0] for _ in range(4)]
+        results = [self.acquire(max_concurrent=5)[0] for _ in range(4)]
         # A: the one held and 1 more (its share is 2); B: 1 (its share); the others wait in this replica's queue
         granted = [self.successResultOf(d) for d in results[:2]]
         self.assertEqual(sorted(t.route.name for t in granted), [A, B])
@@ -104,6 +104,7 @@ class SharedAdmissionTests(SynchronousTestCase):
         held_now, waiting_now, places = self.admission.sync_state()
         self.assertEqual(len(held_now), 3)
         self.assertEqual([w[1] for w in waiting_now], ["alice"])
+        self.assertEqual(waiting_now[0][3], 5)  # (its user's max_concurrent, though it was queued alone)
         self.assertEqual(places, {A: 4, B: 2})
         self.store.up = True
         self.admission.store_back()

@@ -87,7 +87,10 @@ class _Waiter:
     position: int = 0
     weight: float = 1.0
     first: bool = False
-    lease: str = ""  # its name in a shared store
+    cap: Optional[int] = None  # its user's max_concurrent
+    lease: str = ""  # its name in a shared store...
+    prefer: str = ""  # ...and the upstream holding its prompt's prefix there, if any
+    share: float = 0.0  # (how much of the prompt that upstream holds)
     deferred: Deferred[Ticket] = attrs.field(init=False)
 
     def __call__(self, deferred: Deferred[Ticket]) -> None:
@@ -207,16 +210,17 @@ class Admission:
                 return fail(QueueFull())
             if max_queued is not None and self._scheduler.waiting_of(user) >= max_queued:
                 return fail(QueueFull(per_user=True))
-        waiter = self._queue(user, weight, first, on_position, model, exclude, prompt)
+        waiter = self._queue(user, weight, first, on_position, model, exclude, prompt, max_concurrent)
         self._tell_positions()
         return waiter.deferred
 
     def _queue(self, user: str, weight: float, first: bool, on_position: Optional[PositionCallback],
-               model: Optional[str], exclude: frozenset[Route], prompt: tuple[int, ...]) -> _Waiter:
+               model: Optional[str], exclude: frozenset[Route], prompt: tuple[int, ...],
+               cap: Optional[int]) -> _Waiter:
         """A new waiter, in the queue (its Deferred is its C{deferred})."""
         entry = self._scheduler.enqueue_first(user) if first else self._scheduler.enqueue(user, weight)
         waiter = _Waiter(self, entry, on_position, model, exclude, self.clock.seconds() + self.queue_timeout,
-                         prompt=prompt, weight=weight, first=first)
+                         prompt=prompt, weight=weight, first=first, cap=cap)
         d: Deferred[Ticket] = Deferred(waiter)
         waiter.deferred = d
         self._waiters[entry] = waiter

@@ -46,8 +46,6 @@ class SharedAdmission(Admission):
         self._routes = {route.name: route for route in router.routes}
         self._ids: dict[str, _Waiter] = {}  # waiting, by lease
         self._held: dict[str, Ticket] = {}  # places held, by lease
-        self._caps_of: dict[str, int] = {}  # lease -> its user's max_concurrent (-1: none)
-        self._prefer: dict[str, tuple[str, float]] = {}  # lease -> the upstream holding its prefix, and how much
         self._sent_routes: dict[str, int] = {}
         self._synced: tuple[set[str], set[str]] = (set(), set())  # (held, waiting) as the last sync told them
         self._numbers = itertools.count()
@@ -88,36 +86,31 @@ class SharedAdmission(Admission):
         if self.no_upstream:
             return fail(NoUpstream())
         self._caps[user] = max_concurrent
-        waiter = self._queue(user, weight, first, on_position, model, exclude, prompt)
-        self._caps_of[waiter.lease] = -1 if max_concurrent is None else max_concurrent
-        prefer, share = self.router.holder(model, exclude, prompt)
-        self._prefer[waiter.lease] = (prefer, share)
+        waiter = self._queue(user, weight, first, on_position, model, exclude, prompt, max_concurrent)
         d = self.store.step(
             lua.ENQUEUE, self.store.lease_timeout, self.store.balance_gap, self.max_queue, waiter.lease, user,
-            weight, self._caps_of[waiter.lease], -1 if max_queued is None else max_queued, int(first),
-            json.dumps(self.router.servers(model, exclude)), prefer,
+            weight, _limit(max_concurrent), _limit(max_queued), int(first),
+            json.dumps(self.router.servers(model, exclude)), waiter.prefer,
         )
         d.addCallbacks(self._enqueued, _store_down, callbackArgs=(waiter,))
         return waiter.deferred
 
     def _queue(self, user: str, weight: float, first: bool, on_position: Optional[PositionCallback],
-               model: Optional[str], exclude: frozenset[Route], prompt: tuple[int, ...]) -> _Waiter:
-        waiter = super()._queue(user, weight, first, on_position, model, exclude, prompt)
+               model: Optional[str], exclude: frozenset[Route], prompt: tuple[int, ...],
+               cap: Optional[int]) -> _Waiter:
+        """Every waiter has what the store needs of it, even one queued while the store is away (a sync tells it)."""
+        waiter = super()._queue(user, weight, first, on_position, model, exclude, prompt, cap)
         waiter.lease = self._new_lease()
+        waiter.prefer, waiter.share = self.router.holder(model, exclude, prompt)
         self._ids[waiter.lease] = waiter
         return waiter
 
     def _enqueued(self, answer: Answer, waiter: _Waiter) -> None:
         """The store's answer to a waiter joining: refused (the queue is full), or in it (perhaps served)."""
         if answer.status in ("full", "user_full") and self._ids.get(waiter.lease) is waiter:
-            self._forget(waiter.lease)
+            del self._ids[waiter.lease]
             super()._leave(waiter)
             waiter.deferred.errback(QueueFull(per_user=answer.status == "user_full"))
-
-    def _forget(self, lease: str) -> None:
-        self._ids.pop(lease, None)
-        self._caps_of.pop(lease, None)
-        self._prefer.pop(lease, None)
 
     # What the store says (L{Member})
 
@@ -136,11 +129,11 @@ class SharedAdmission(Admission):
         if waiter is None or route is None or self._waiters.get(waiter.entry) is not waiter:
             self._give_back(lease)  # (its client left meanwhile)
             return
-        prefer, share = self._prefer.get(lease, ("", 0.0))
         self._scheduler.remove(waiter.entry)
         del self._waiters[waiter.entry]
         self._gone(waiter)
-        self.router.record(Decision(route, CACHE if prefer == upstream else LEAST_BUSY, share), waiter.prompt)
+        reason = CACHE if waiter.prefer == upstream else LEAST_BUSY
+        self.router.record(Decision(route, reason, waiter.share), waiter.prompt)
         waiter.deferred.callback(self._grant(waiter.entry.user, route, True, lease))
 
     def store_lost(self) -> None:
@@ -163,9 +156,8 @@ class SharedAdmission(Admission):
         waiting = []
         for entry in self._scheduler.order():
             w = self._waiters[entry]
-            prefer = self._prefer.get(w.lease, ("", 0.0))[0]
-            waiting.append([w.lease, entry.user, w.weight, self._caps_of.get(w.lease, -1), int(w.first),
-                            self.router.servers(w.model, w.exclude), prefer])
+            waiting.append([w.lease, entry.user, w.weight, _limit(w.cap), int(w.first),
+                            self.router.servers(w.model, w.exclude), w.prefer])
         self._sent_routes = self._route_places()
         self._synced = ({str(h[0]) for h in held}, {str(w[0]) for w in waiting})
         return held, waiting, self._sent_routes
@@ -177,7 +169,7 @@ class SharedAdmission(Admission):
 
     def _grant(self, user: str, route: Route, waited: bool, lease: str = "") -> Ticket:
         lease = lease or self._new_lease()
-        self._forget(lease)
+        self._ids.pop(lease, None)
         route.active += 1
         self._running[user] = self._running.get(user, 0) + 1
         ticket = Ticket(self, user, waited, route, lease=lease)
@@ -192,7 +184,7 @@ class SharedAdmission(Admission):
     def _leave(self, waiter: _Waiter) -> None:
         if self._waiters.get(waiter.entry) is not waiter:
             return
-        self._forget(waiter.lease)
+        self._ids.pop(waiter.lease, None)
         super()._leave(waiter)
         self._give_back(waiter.lease)
 
@@ -238,6 +230,11 @@ class SharedAdmission(Admission):
         if not self.shared:
             return super().positions_of(user)
         return sorted(w.position for w in self._waiters.values() if w.entry.user == user and w.position)
+
+
+def _limit(limit: Optional[int]) -> int:
+    """A limit as the store's scripts read it (-1: none)."""
+    return -1 if limit is None else limit
 
 
 def _store_down(failure: Any) -> None:
