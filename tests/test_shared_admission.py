@@ -37,10 +37,10 @@ class SharedAdmissionTests(SynchronousTestCase):
     def test_a_place_comes_from_the_store(self) -> None:
         d, told = self.acquire(max_concurrent=2, max_queued=3, weight=2.0)
         self.assertNoResult(d)  # (nothing is handed out here while the store is up)
-        [(timeout, gap, max_queue, lease, user, weight, cap, max_queued, first, servers, prefer)] = \
+        [(gap, max_queue, lease, user, weight, cap, max_queued, first, servers, prefer)] = \
             self.store.taken("ENQUEUE")
-        self.assertEqual((timeout, gap, max_queue, user, weight, cap, max_queued, first, json.loads(servers), prefer),
-                         (10.0, 0.5, 50, "alice", 2.0, 2, 3, 0, [], ""))
+        self.assertEqual((gap, max_queue, user, weight, cap, max_queued, first, json.loads(servers), prefer),
+                         (0.5, 50, "alice", 2.0, 2, 3, 0, [], ""))
         self.assertEqual((self.admission.waiting, self.admission.positions_of("alice")), (1, []))
         self.store.ranks[lease] = 3
         self.store.answer(0)  # (in the queue, third)
@@ -66,7 +66,7 @@ class SharedAdmissionTests(SynchronousTestCase):
 
     def test_a_waiter_that_leaves_is_taken_out_and_a_late_place_given_back(self) -> None:
         d, _ = self.acquire()
-        lease = self.store.taken("ENQUEUE")[0][3]
+        lease = self.store.taken("ENQUEUE")[0][2]
         d.cancel()
         self.failureResultOf(d)
         self.assertEqual(self.store.taken("RELEASE"), [(0.5, lease)])
@@ -79,12 +79,12 @@ class SharedAdmissionTests(SynchronousTestCase):
         self.acquire(model="big")
         self.acquire(model="small", exclude=frozenset({self.routes[0]}), first=True)
         (first, second) = self.store.taken("ENQUEUE")
-        self.assertEqual(json.loads(first[9]), [B])
-        self.assertEqual((json.loads(second[9]), second[8]), ([B], 1))
+        self.assertEqual(json.loads(first[8]), [B])
+        self.assertEqual((json.loads(second[8]), second[7]), ([B], 1))
 
     def test_alone_a_replica_holds_at_most_its_share(self) -> None:
         held, _ = self.acquire()
-        lease = self.store.taken("ENQUEUE")[0][3]
+        lease = self.store.taken("ENQUEUE")[0][2]
         self.admission.answered(_answer([(lease, A)]))
         self.successResultOf(held)
         self.store.replicas_seen = 2

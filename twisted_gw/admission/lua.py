@@ -208,20 +208,20 @@ dispatch(gap)
 return answer(replica, 'ok')
 """
 
-# ARGV: P, replica, lease timeout (unused), balance gap, max queue, id, user, weight, cap, max queued (-1: none),
+# ARGV: P, replica, balance gap, max queue, id, user, weight, cap, max queued (-1: none),
 #       first (1/0), candidates JSON, preferred
 ENQUEUE = COMMON + r"""
-local replica, gap = ARGV[2], tonumber(ARGV[4])
-local id, user, weight, cap, max_queued = ARGV[6], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local first = tonumber(ARGV[11])
+local replica, gap = ARGV[2], tonumber(ARGV[3])
+local id, user, weight, cap, max_queued = ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local first = tonumber(ARGV[10])
 if not redis.call('ZSCORE', P .. 'replicas', replica) then return answer(replica, 'unknown') end
 if first ~= 1 then
-  if redis.call('ZCARD', P .. 'queue') >= tonumber(ARGV[5]) then return answer(replica, 'full') end
+  if redis.call('ZCARD', P .. 'queue') >= tonumber(ARGV[4]) then return answer(replica, 'full') end
   if max_queued >= 0 and tonumber(redis.call('HGET', P .. 'qcount', user) or '0') >= max_queued then
     return answer(replica, 'user_full')
   end
 end
-enqueue(replica, id, user, weight, cap, first, cjson.decode(ARGV[12]), ARGV[13])
+enqueue(replica, id, user, weight, cap, first, cjson.decode(ARGV[11]), ARGV[12])
 dispatch(gap)
 return answer(replica, 'ok')
 """

@@ -88,7 +88,7 @@ class SharedAdmission(Admission):
         self._caps[user] = max_concurrent
         waiter = self._queue(user, weight, first, on_position, model, exclude, prompt, max_concurrent)
         d = self.store.step(
-            lua.ENQUEUE, self.store.lease_timeout, self.store.balance_gap, self.max_queue, waiter.lease, user,
+            lua.ENQUEUE, self.store.balance_gap, self.max_queue, waiter.lease, user,
             weight, _limit(max_concurrent), _limit(max_queued), int(first),
             json.dumps(self.router.servers(model, exclude)), waiter.prefer,
         )

@@ -227,10 +227,7 @@ class RedisStore:
         replica's name); its answer goes to the member too.  Fails with
         L{StoreDown} while the store is away (and when this call finds so).
         """
-        if not self.up:
-            return fail(StoreDown())
-        d = self._eval(script, self.replica, *args)
-        return d.addCallbacks(self._answered, self._failed)
+        return self.run(script, self.replica, *args).addCallback(self._answered)
 
     def _answered(self, reply: Sequence[Any]) -> Answer:
         answer = Answer.read(reply)
