@@ -265,6 +265,20 @@ class GatewayTestCase(unittest.TestCase):
         await deferToThread(proc.wait, 10)
         return finished, killed[0]
 
+    async def served_in_turn(self, running: Reply, count: int) -> list[bytes]:
+        """
+        On a one-place manual fake: let C{running} end, then C{count} more
+        generations start one at a time; whose they were, in the order they
+        started (the X-Gateway-User the gateway sent upstream).
+        """
+        self.fake.release(1)
+        await running.text()
+        for _ in range(count):
+            arrived = self.fake.next_request()
+            self.fake.release(1)
+            await arrived
+        return [(r.headers.getRawHeaders(b"x-gateway-user") or [b""])[0] for r in self.fake.generations[1:count + 1]]
+
     async def chat(self, stream: bool = False, key: str = ALICE, **extra: Any) -> Reply:
         return await self.call("POST", "/v1/chat/completions", chat_body(stream, **extra), key=key)
 

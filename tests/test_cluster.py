@@ -106,8 +106,9 @@ class ClusterTestCase(GatewayTestCase):
         return reply.code, await reply.text()
 
     def users_of(self, fake: FakeLlama) -> list[str]:
-        """Whose generations the upstream was sent, in the order they started (each body names its user)."""
-        return [r.json().get("user", "?") for r in fake.requests if r.uri.endswith(b"/chat/completions")]
+        """Whose generations the upstream was sent, in the order they started (the gateway's X-Gateway-User)."""
+        return [(r.headers.getRawHeaders(b"x-gateway-user") or [b"?"])[0].decode() for r in fake.requests
+                if r.uri.endswith(b"/chat/completions")]
 
     # The store, read directly
 
@@ -127,6 +128,12 @@ class ClusterTestCase(GatewayTestCase):
         return {"active": {active[i]: int(active[i + 1]) for i in range(0, len(active), 2)},
                 "waiting": int(await self.store("ZCARD", "queue"))}
 
+
+    async def store_waits(self, count: int, seconds: float = 5.0) -> None:
+        """Poll the store until C{count} requests wait in the cluster's queue (the test then checks what it needs)."""
+        deadline = time.monotonic() + seconds
+        while (await self.held())["waiting"] != count and time.monotonic() < deadline:
+            await settle(0.02)
 
     async def nothing_held(self, seconds: float = 3.0) -> None:
         """Nothing is held or waiting in the store (its last release may still be on its way from a replica)."""
@@ -169,7 +176,7 @@ class SharedPlacesTests(ClusterTestCase):
         await self.upstream(FakeLlama(reactor, chunk_delay=0.02, slots=4), users)
         replicas = await self.start_replicas(2)
         # max_concurrent: 1, whichever replica each request goes to
-        results = await DeferredList([Deferred.fromCoroutine(self.generate(url, user="alice"))
+        results = await DeferredList([Deferred.fromCoroutine(self.generate(url))
                                       for url in spread(6, replicas)])
         self.assertEqual([r[1][0] for r in results], [200] * 6)
         self.assertEqual(self.fake.peak, 1)
@@ -195,18 +202,12 @@ class SharedPlacesTests(ClusterTestCase):
         """alice has 10 waiting over two replicas; bob's one request, sent to a third, starts within the next 2."""
         await self.upstream(FakeLlama(reactor, manual=True, slots=1))
         replicas = await self.start_replicas(3)
-        alice = [Deferred.fromCoroutine(self.generate(url, user="alice")) for url in spread(11, replicas[:2])]
+        alice = [Deferred.fromCoroutine(self.generate(url)) for url in spread(11, replicas[:2])]
         await until(lambda: self.fake.generating == 1)
-        for _ in range(100):
-            if (await self.held())["waiting"] == 10:
-                break
-            await settle(0.05)
+        await self.store_waits(10)
         self.assertEqual(await self.held(), {"active": {self.fake.url: 1}, "waiting": 10})
-        bob = Deferred.fromCoroutine(self.generate(replicas[2].url, key=BOB, user="bob"))
-        for _ in range(100):
-            if (await self.held())["waiting"] == 11:
-                break
-            await settle(0.05)
+        bob = Deferred.fromCoroutine(self.generate(replicas[2].url, key=BOB))
+        await self.store_waits(11)
         self.fake.release(1_000_000)
         self.assertEqual((await bob)[0], 200)
         starts = self.users_of(self.fake)
@@ -432,17 +433,8 @@ class InProcessTests(ClusterTestCase):
         await until(lambda: self.fake.generating == 1)
         queued = [Deferred.fromCoroutine(self.generate(gw.url, key=key))
                   for _ in range(20) for gw, key in ((first, ALICE), (second, BOB))]
-        for _ in range(200):
-            if (await self.held())["waiting"] == 40:
-                break
-            await settle(0.02)
-        self.fake.release(1)
-        await running.text()
-        for _ in range(30):
-            arrived = self.fake.next_request()
-            self.fake.release(1)
-            await arrived
-        served = [(r.headers.getRawHeaders(b"x-gateway-user") or [b""])[0] for r in self.fake.generations[1:31]]
+        await self.store_waits(40)
+        served = await self.served_in_turn(running, 30)
         self.assertLessEqual(abs(served.count(b"alice") - 20), 1, served)
         self.assertLessEqual(abs(served.count(b"bob") - 10), 1, served)
         self.fake.release(100)

@@ -180,13 +180,7 @@ class FairGatewayTests(GatewayTestCase):
         queued = [Deferred.fromCoroutine(self.chat(stream=False, key=k)) for _ in range(20) for k in (ALICE, BOB)]
         while self.gw.gateway.admission.waiting < 40:
             await task.deferLater(reactor, 0.01, lambda: None)
-        self.fake.release(1)
-        await first.text()
-        for _ in range(30):
-            arrived = self.fake.next_request()
-            self.fake.release(1)
-            await arrived
-        served = [(r.headers.getRawHeaders(b"x-gateway-user") or [b""])[0] for r in self.fake.generations[1:31]]
+        served = await self.served_in_turn(first, 30)
         self.assertLessEqual(abs(served.count(b"alice") - 20), 1, served)
         self.assertLessEqual(abs(served.count(b"bob") - 10), 1, served)
         self.fake.release(100)
