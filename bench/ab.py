@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import suite  # noqa: E402
-from loadgen import BlockingClient, build_request, chat  # noqa: E402
+from loadgen import NotOK, chat, interleaved  # noqa: E402
 
 
 def main() -> None:
@@ -43,24 +43,11 @@ def main() -> None:
         for name, method, path, doc in (("GET /v1/models", "GET", "/v1/models", None),
                                         ("chat non-stream", "POST", "/v1/chat/completions", chat(False)),
                                         ("chat stream", "POST", "/v1/chat/completions", chat(True))):
-            clients = [BlockingClient(g.port) for g in gateways]
-            raws = [build_request(method, path, g.port, doc) for g in gateways]
-            times: list[list[float]] = [[], []]
-            firsts: list[list[float]] = [[], []]
-            cpu = [0.0, 0.0]
-            for i in (0, 1):
-                for _ in range(100):
-                    if clients[i].request(raws[i])[0].status != 200:
-                        raise SystemExit(f"{name} via {args.trees[i]}: not 200\n{gateways[i].log_tail()}")
-            for block in range(args.blocks):
-                for i in ((0, 1) if block % 2 == 0 else (1, 0)):
-                    c0 = gateways[i].cpu()
-                    for _ in range(args.block):
-                        response, start_at, end_at = clients[i].request(raws[i])
-                        times[i].append(end_at - start_at)
-                        first = response.first_data if doc is not None and doc.get("stream") else response.first_body
-                        firsts[i].append(first - start_at)
-                    cpu[i] += gateways[i].cpu() - c0
+            try:
+                times, firsts, cpu = interleaved([g.port for g in gateways], method, path, doc, args.blocks,
+                                                 args.block, cpu=[g.cpu for g in gateways])
+            except NotOK as e:
+                raise SystemExit(f"{name} via {args.trees[e.index]}: not 200\n{gateways[e.index].log_tail()}") from None
             for i in (0, 1):
                 print(f"{name:16s} {args.trees[i]:30s} p50 {statistics.median(times[i]) * 1e3:.3f} ms, first "
                       f"{'data' if doc is not None and doc.get('stream') else 'byte'} p50 "

@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import suite  # noqa: E402
-from loadgen import BlockingClient, build_request, chat  # noqa: E402
+from loadgen import NotOK, chat, interleaved  # noqa: E402
 
 
 def main() -> None:
@@ -56,21 +56,11 @@ def main() -> None:
         results: dict[str, dict[str, dict[str, float]]] = {}
         for name, doc in (("chat non-stream", chat(False)), ("chat stream", chat(True))):
             stream = bool(doc.get("stream"))
-            clients = [BlockingClient(port) for _, port in targets]
-            raws = [build_request("POST", "/v1/chat/completions", port, doc) for _, port in targets]
-            times: list[list[float]] = [[] for _ in targets]
-            firsts: list[list[float]] = [[] for _ in targets]
-            for i in range(len(targets)):
-                for _ in range(100):
-                    if clients[i].request(raws[i])[0].status != 200:
-                        raise SystemExit(f"{name} via {targets[i][0]}: not 200")
-            for block in range(args.blocks):
-                order = list(range(len(targets)))
-                for i in (order if block % 2 == 0 else order[::-1]):
-                    for _ in range(args.block):
-                        response, start_at, end_at = clients[i].request(raws[i])
-                        times[i].append(end_at - start_at)
-                        firsts[i].append((response.first_data if stream else response.first_body) - start_at)
+            try:
+                times, firsts, _ = interleaved([port for _, port in targets], "POST", "/v1/chat/completions", doc,
+                                               args.blocks, args.block)
+            except NotOK as e:
+                raise SystemExit(f"{name} via {targets[e.index][0]}: not 200") from None
             results[name] = {}
             for i, (target, _) in enumerate(targets):
                 p50, first = statistics.median(times[i]) * 1e3, statistics.median(firsts[i]) * 1e3

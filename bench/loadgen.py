@@ -223,6 +223,48 @@ class BlockingClient:
         raise AssertionError("unreachable")
 
 
+class NotOK(Exception):
+    """A warm-up request through target C{index} did not answer 200."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"target {index}: not 200")
+        self.index = index
+
+
+def interleaved(ports: list[int], method: str, path: str, doc: Optional[dict[str, Any]], blocks: int, block: int,
+                cpu: Optional[list[Callable[[], float]]] = None,
+                ) -> tuple[list[list[float]], list[list[float]], list[float]]:
+    """
+    One keep-alive connection per port; 100 warm-up requests each (L{NotOK} unless all answer 200), then C{blocks}
+    rounds in which each port in turn gets C{block} requests, the order reversed every other round, so a slow
+    moment of the machine falls on all. Each port's request times, times to the first byte (the first data event
+    for a stream) and, given C{cpu} (a CPU-seconds reading per port), the CPU its blocks took.
+    """
+    stream = bool(doc is not None and doc.get("stream"))
+    clients = [BlockingClient(port) for port in ports]
+    raws = [build_request(method, path, port, doc) for port in ports]
+    times: list[list[float]] = [[] for _ in ports]
+    firsts: list[list[float]] = [[] for _ in ports]
+    spent = [0.0 for _ in ports]
+    for i, client in enumerate(clients):
+        for _ in range(100):
+            if client.request(raws[i])[0].status != 200:
+                raise NotOK(i)
+    order = list(range(len(ports)))
+    for round_ in range(blocks):
+        for i in (order if round_ % 2 == 0 else order[::-1]):
+            c0 = cpu[i]() if cpu else 0.0
+            for _ in range(block):
+                response, start_at, end_at = clients[i].request(raws[i])
+                times[i].append(end_at - start_at)
+                firsts[i].append((response.first_data if stream else response.first_body) - start_at)
+            if cpu:
+                spent[i] += cpu[i]() - c0
+    for client in clients:
+        client.close()
+    return times, firsts, spent
+
+
 # --- asyncio workers -------------------------------------------------------------------------------------------
 
 
