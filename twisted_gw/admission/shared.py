@@ -33,7 +33,7 @@ from twisted_gw.admission.queue import (
     _Waiter,
 )
 from twisted_gw.admission.routing import CACHE, LEAST_BUSY, Decision, Route, Router
-from twisted_gw.admission.store import Answer, Store, StoreDown
+from twisted_gw.admission.store import Answer, Store, store_down
 
 
 class SharedAdmission(Admission):
@@ -92,7 +92,7 @@ class SharedAdmission(Admission):
             weight, _limit(max_concurrent), _limit(max_queued), int(first),
             json.dumps(self.router.servers(model, exclude)), waiter.prefer,
         )
-        d.addCallbacks(self._enqueued, _store_down, callbackArgs=(waiter,))
+        d.addCallbacks(self._enqueued, store_down, callbackArgs=(waiter,))
         return waiter.deferred
 
     def _queue(self, user: str, weight: float, first: bool, on_position: Optional[PositionCallback],
@@ -191,7 +191,7 @@ class SharedAdmission(Admission):
     def _give_back(self, lease: str) -> None:
         """A place (or a place in the queue) no longer needed; while the store is away, the next sync says so."""
         if self.shared:
-            self.store.step(lua.RELEASE, self.store.balance_gap, lease).addErrback(_store_down)
+            self.store.step(lua.RELEASE, self.store.balance_gap, lease).addErrback(store_down)
 
     def changed(self) -> None:
         if not self.shared:
@@ -200,7 +200,7 @@ class SharedAdmission(Admission):
         for name, places in self._route_places().items():
             if self._sent_routes.get(name) != places:
                 self._sent_routes[name] = places
-                self.store.step(lua.ROUTE, self.store.balance_gap, name, places).addErrback(_store_down)
+                self.store.step(lua.ROUTE, self.store.balance_gap, name, places).addErrback(store_down)
 
     def _dispatch(self) -> None:
         if not self.shared:  # (while it is up, places come from the store)
@@ -224,7 +224,7 @@ class SharedAdmission(Admission):
                     waiter.position = position
                     waiter.on_position(position)
 
-        self.store.run(lua.RANKS, *[w.lease for w in told]).addCallbacks(tell, _store_down)
+        self.store.run(lua.RANKS, *[w.lease for w in told]).addCallbacks(tell, store_down)
 
     def positions_of(self, user: str) -> list[int]:
         if not self.shared:
@@ -235,8 +235,3 @@ class SharedAdmission(Admission):
 def _limit(limit: Optional[int]) -> int:
     """A limit as the store's scripts read it (-1: none)."""
     return -1 if limit is None else limit
-
-
-def _store_down(failure: Any) -> None:
-    """A step that found the store away: the replica goes on alone (L{SharedAdmission.store_lost})."""
-    failure.trap(StoreDown)

@@ -18,8 +18,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from twisted_gw.admission import lua
-from twisted_gw.admission.quota import Quotas
-from twisted_gw.admission.store import Store, StoreDown
+from twisted_gw.admission.quota import MINUTE, Quotas
+from twisted_gw.admission.store import Store, StoreDown, store_down
 
 
 class SharedQuotas(Quotas):
@@ -42,16 +42,13 @@ class SharedQuotas(Quotas):
             self._minute[user] = deque(sorted(pairs))
             self._day[user] = self._known[user] = (today, int(str(total)))
 
-        return d.addCallbacks(read, _store_down)
+        return d.addCallbacks(read, store_down)
 
     def used(self, user: str, tokens: int) -> None:
         if not tokens:
             return
         super().used(user, tokens)
         charge = (user, self.clock.seconds(), f"{self.store.replica}.{next(self._numbers)}", tokens, self._today())
-        if not self.store.up:
-            self._unsent.append(charge)
-            return
 
         def unsent(failure: Failure) -> None:
             failure.trap(StoreDown)
@@ -70,15 +67,11 @@ class SharedQuotas(Quotas):
         missed: dict[str, int] = {}
         for charge in unsent:
             user, at, _, tokens, day = charge
-            if at > self.clock.seconds() - 60:
-                self._send(charge, False).addErrback(_store_down)
+            if at > self.clock.seconds() - MINUTE:
+                self._send(charge, False).addErrback(store_down)
             if day == today:
                 missed[user] = missed.get(user, 0) + tokens
         for user, tokens in missed.items():
             day, known = self._known.get(user, (today, 0))
             self.store.run(lua.RESTORE_DAY, user, today, known if day == today else 0,
-                           tokens).addErrback(_store_down)
-
-
-def _store_down(failure: Failure) -> None:
-    failure.trap(StoreDown)
+                           tokens).addErrback(store_down)

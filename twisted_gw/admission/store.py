@@ -38,6 +38,11 @@ class StoreDown(Exception):
     """The store did not answer (or is known to be away): act on what this replica knows."""
 
 
+def store_down(failure: Failure) -> None:
+    """An errback for a step that may find the store away: the replica then goes on alone; anything else is raised."""
+    failure.trap(StoreDown)
+
+
 @attrs.frozen
 class StoreURL:
     host: str
@@ -267,7 +272,7 @@ class RedisStore:
             self._sync()
             return succeed(None)
         d = self.step(lua.BEAT, self.reap_after, self.balance_gap)
-        d.addErrback(lambda f: f.trap(StoreDown))
+        d.addErrback(store_down)
         return d.addCallback(lambda _: None)
 
     def sync(self) -> None:
