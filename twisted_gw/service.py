@@ -20,7 +20,7 @@ from twisted_gw.admission.prefix import PrefixIndex
 from twisted_gw.admission.quota import Quotas
 from twisted_gw.admission.shared import SharedAdmission
 from twisted_gw.admission.shared_quotas import SharedQuotas
-from twisted_gw.admission.store import RedisStore, StoreURL
+from twisted_gw.admission.store import RedisStore
 from twisted_gw.books.accounting import Accounting, UserTotals
 from twisted_gw.books.ledger import Ledger, ledger_enabled, load_totals
 from twisted_gw.books.metrics import me_document, snapshot
@@ -80,11 +80,11 @@ class Gateway(Service):
         self.store: Optional[RedisStore] = None
         self.quotas = Quotas(clock)
         if config.state:
-            where = StoreURL.parse(config.state)
-            tls = tls_policy(config.state_ca).creatorForNetloc(where.host.encode(), where.port) if config.state_ca \
-                else None
             self.store = RedisStore(config.state, config.cluster, reactor, config.lease_timeout,
-                                    config.routing_balance_gap, tls=tls)
+                                    config.routing_balance_gap)
+            if config.state_ca:  # (a private CA: verified as an https:// upstream would be)
+                where = self.store.url
+                self.store.tls = tls_policy(config.state_ca).creatorForNetloc(where.host.encode(), where.port)
             self.admission: Admission = SharedAdmission(self.router, clock, self.store, config.max_queue,
                                                         config.queue_timeout, config.queue_update_interval)
             self.quotas = SharedQuotas(clock, self.store)

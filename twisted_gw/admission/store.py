@@ -119,8 +119,7 @@ class RedisStore:
     """One replica's connection to the cluster's store."""
 
     def __init__(self, url: str, cluster: str, reactor: Any, lease_timeout: float = 10.0,
-                 balance_gap: float = 0.5, replica: Optional[str] = None, tls: Any = None) -> None:
-        """C{tls}: how a rediss:// store is verified (an C{IOpenSSLClientConnectionCreator}; else the system's CAs)."""
+                 balance_gap: float = 0.5, replica: Optional[str] = None) -> None:
         self.url = StoreURL.parse(url)
         self.prefix = f"llmgw:{{{cluster}}}:"
         self.cluster = cluster
@@ -135,7 +134,8 @@ class RedisStore:
         self.balance_gap = balance_gap
         self.replica = replica or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.member: Optional[Member] = None
-        self.tls = tls
+        self.tls: Any = None  # how a rediss:// store is verified (an IOpenSSLClientConnectionCreator; else the
+        # system's CAs: optionsForClientTLS)
         self.rejoined: list[Callable[[], None]] = []  # called when the store is back (the quotas' charges)
         self.up = False
         self.replicas_seen = 1
