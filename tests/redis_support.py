@@ -17,16 +17,7 @@ import uuid
 from typing import Optional
 from urllib.parse import urlsplit
 
-from support import free_port
-from twisted.trial.unittest import SkipTest
-
-REQUIRED = os.environ.get("LLMGW_REQUIRE_SERVICES") == "1"
-
-
-def _skip(why: str) -> SkipTest:
-    if REQUIRED:
-        raise AssertionError(f"LLMGW_REQUIRE_SERVICES=1 but {why}")
-    return SkipTest(why)
+from support import free_port, missing_service
 
 
 def _ping(host: str, port: int) -> bool:
@@ -71,7 +62,7 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while not _ping("127.0.0.1", self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise _skip(f"{self.binary} did not start on 127.0.0.1:{self.port}")
+                raise missing_service(f"{self.binary} did not start on 127.0.0.1:{self.port}")
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -90,14 +81,15 @@ def redis_server(binary_only: bool = False, extra: tuple[str, ...] = ()) -> Redi
         server.start()
         return server
     if binary_only:
-        raise _skip("needs a redis-server binary of its own (LLMGW_TEST_REDIS_SERVER)")
+        raise missing_service("needs a redis-server binary of its own (LLMGW_TEST_REDIS_SERVER)")
     url = os.environ.get("LLMGW_TEST_REDIS_URL")
     if url:
         parts = urlsplit(url)
         if _ping(parts.hostname or "127.0.0.1", parts.port or 6379):
             return RedisServer(None, url)
-        raise _skip(f"no Redis answers at LLMGW_TEST_REDIS_URL={url}")
-    raise _skip("no redis-server binary (set LLMGW_TEST_REDIS_SERVER, or LLMGW_TEST_REDIS_URL for a running Redis)")
+        raise missing_service(f"no Redis answers at LLMGW_TEST_REDIS_URL={url}")
+    raise missing_service(
+        "no redis-server binary (set LLMGW_TEST_REDIS_SERVER, or LLMGW_TEST_REDIS_URL for a running Redis)")
 
 
 def cluster_name() -> str:

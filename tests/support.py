@@ -44,6 +44,16 @@ def raw_exchange(port: int, request: bytes) -> bytes:
         return answer
 
 
+def missing_service(why: str) -> unittest.SkipTest:
+    """
+    A service a test needs (PostgreSQL, Redis) is not there: the skip that says
+    why; under LLMGW_REQUIRE_SERVICES=1 (CI, whose machine has them) a failure.
+    """
+    if os.environ.get("LLMGW_REQUIRE_SERVICES") == "1":
+        raise AssertionError(f"LLMGW_REQUIRE_SERVICES=1 but {why}")
+    return unittest.SkipTest(why)
+
+
 def free_port() -> int:
     """A port that was free a moment ago (for a subprocess that must be told its port)."""
     with socket.socket() as s:

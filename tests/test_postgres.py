@@ -15,19 +15,17 @@ import uuid
 from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from support import ALICE, BOB, GatewayTestCase, chat_body, free_port, reactor, until
+from support import ALICE, BOB, GatewayTestCase, chat_body, free_port, missing_service, reactor, until
 from twisted.internet import endpoints, task
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.protocols.portforward import ProxyFactory
-from twisted.trial.unittest import SkipTest
 
 from twisted_gw import usage
 from twisted_gw.testing import RunningGateway, start_gateway
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 ADMIN_URL = os.environ.get("LLMGW_TEST_POSTGRES_URL", DEFAULT_URL)
-REQUIRED = os.environ.get("LLMGW_REQUIRE_SERVICES") == "1"
 
 
 def _with_database(url: str, name: str) -> str:
@@ -62,9 +60,7 @@ def database() -> str:
             _why_not = f"no PostgreSQL at {ADMIN_URL} (set LLMGW_TEST_POSTGRES_URL): {str(e).strip()}"
     if _database is None:
         assert _why_not is not None
-        if REQUIRED:
-            raise AssertionError(f"LLMGW_REQUIRE_SERVICES=1 but {_why_not}")
-        raise SkipTest(_why_not)
+        raise missing_service(_why_not)
     return _database
 
 
